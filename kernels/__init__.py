@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the masked PPO math, imported as ``stepcoder.kernels``."""

@@ -1,0 +1,400 @@
+"""A sandbox worker: one small interpreter that forks an isolated child per test.
+
+``stepcoder.sandbox.Sandbox`` starts each worker with ``posix_spawn`` as
+``python -I -S -B -X utf8 _worker.py EXTENSION WORK_ROOT [SITE_DIR ...]`` and talks to it over fd 3
+(length-prefixed pickles; both ends are trusted code). The worker never runs untrusted code itself: it
+compiles the program (a SyntaxError costs no fork), then for each test forks a child through
+``stepcoder._sandbox.run_child``, which applies every isolation layer before calling back into
+``_child_main`` here. The worker only ever holds a test's *input*: expected outputs stay in the
+trainer, which compares, so nothing a child can read from its own memory gives the answer away.
+
+This file is also imported by the trainer (``stepcoder.sandbox``) for ``canonical``, the one
+encoding of return values that both the child and the comparison use.
+"""
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import os
+import pickle
+import shutil
+import stat
+import struct
+import sys
+import traceback
+
+# Imported once here, so a test child starts with them loaded (and can use them after it lost the
+# right to read the interpreter's files).
+PRELOADED_MODULES = (
+    "abc", "array", "bisect", "calendar", "cmath", "collections", "collections.abc", "contextlib", "copy",
+    "dataclasses", "datetime", "decimal", "enum", "fractions", "functools", "hashlib", "heapq", "itertools",
+    "linecache", "math", "numbers", "operator", "queue", "random", "re", "statistics", "string", "struct",
+    "textwrap", "threading", "time", "typing", "unicodedata",
+)
+
+MONITORING_TOOL = 4  # sys.monitoring tool ids 0-2 and 5 are named for debuggers, coverage, profilers, optimizers
+BIG_INT_BITS = 10_000  # above this, ints travel as hex: decimal conversion is capped at 4300 digits
+SANDBOX_UID_BASE = 1_000_000_000  # + worker pid: a uid of its own per worker, so RLIMIT_NPROC is per worker
+HEADER = struct.Struct("<I")
+
+
+def canonical(value, depth: int = 0):
+    """A JSON-able, type-exact encoding of a value, for structural comparison outside the child.
+
+    Types are tested with ``type(x) is``, never ``isinstance`` or ``==``, so a subclass or an object
+    with a lying ``__eq__`` becomes its repr and cannot equal an expected value.
+    """
+    kind = type(value)
+    if value is None or kind is bool or kind is str or kind is float:
+        return value
+    if kind is int:
+        return value if value.bit_length() <= BIG_INT_BITS else {"__int__": hex(value)}
+    if depth > 100:
+        return {"__repr__": "<nested too deeply>"}
+    if kind is list or kind is tuple:
+        return [canonical(item, depth + 1) for item in value]
+    if kind is dict:
+        return {"__dict__": [[canonical(k, depth + 1), canonical(v, depth + 1)] for k, v in value.items()]}
+    if kind is set or kind is frozenset:
+        return {"__set__": [canonical(item, depth + 1) for item in value]}
+    if kind is bytes:
+        return {"__bytes__": value.hex()}
+    if kind is complex:
+        return {"__complex__": [value.real, value.imag]}
+    try:
+        text = repr(value)[:1000]
+    except Exception:  # the object's own __repr__ is untrusted code; any failure just means "unequal"
+        text = "<unrepresentable>"
+    return {"__repr__": f"{kind.__name__}: {text}"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Framing between the pool and the worker.
+
+
+def read_exact(fd: int, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def receive(fd: int):
+    header = read_exact(fd, HEADER.size)
+    if header is None:
+        return None
+    body = read_exact(fd, HEADER.unpack(header)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def send(fd: int, message) -> None:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(HEADER.pack(len(body)) + body)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# --------------------------------------------------------------------------------------------------
+# Inside a test child (after isolation, before and around the untrusted program).
+
+
+def _exit_builtin(code=None):
+    raise SystemExit(code)
+
+
+def _start_tracing(codes: list, bitmap, sandbox_module) -> None:
+    """Record the program's executed lines into the shared bitmap; the program cannot switch it off."""
+    if sys.version_info >= (3, 12):
+        monitoring = sys.monitoring
+        disable, line_event = monitoring.DISABLE, monitoring.events.LINE
+
+        def on_line(code, line):
+            bitmap[line] = 1
+            return disable  # each (code, line) reports once, then runs at full speed
+
+        monitoring.use_tool_id(MONITORING_TOOL, "stepcoder")
+        monitoring.register_callback(MONITORING_TOOL, line_event, on_line)
+        for code in codes:
+            monitoring.set_local_events(MONITORING_TOOL, code, line_event)
+        for name in ("use_tool_id", "free_tool_id", "clear_tool_id", "register_callback", "set_events",
+                     "set_local_events"):
+            if hasattr(monitoring, name):
+                setattr(monitoring, name, _guarded(getattr(monitoring, name)))
+        return
+    import threading
+
+    sandbox_module.start_line_trace(codes, bitmap)
+
+    def thread_hook(frame, event, arg):
+        sandbox_module.trace_current_thread()  # replaces this Python-level hook with the C tracer
+
+    real_settrace = sys.settrace
+
+    def settrace(function):
+        if function is not thread_hook:
+            raise RuntimeError("sys.settrace is reserved by the stepcoder sandbox's line tracer")
+        real_settrace(function)
+
+    def refuse(function):
+        raise RuntimeError("threading.settrace is reserved by the stepcoder sandbox's line tracer")
+
+    sys.settrace = settrace
+    threading.settrace = refuse
+    threading._trace_hook = thread_hook
+
+
+def _guarded(function):
+    def guarded(tool_id, *args):
+        if tool_id == MONITORING_TOOL:
+            raise ValueError(f"sys.monitoring tool {MONITORING_TOOL} is reserved by the stepcoder sandbox")
+        return function(tool_id, *args)
+
+    return guarded
+
+
+def _run_program(job: dict, test_input):
+    """Runs the program for one test. Returns the report the supervisor classifies."""
+    kind, entry = job["kind"], job["entry"]
+    namespace = {"__name__": "__main__" if kind == "stdin" else "__solution__", "__builtins__": builtins}
+    try:
+        exec(job["code"], namespace)
+        if kind == "stdin":
+            if entry is not None:
+                _lookup(namespace, entry)()
+            return {"status": "ok"}
+        if kind == "assert":
+            exec(test_input, namespace)
+            return {"status": "ok"}
+        if kind == "function":
+            function = _lookup(namespace, entry)
+        else:
+            function = getattr(_lookup(namespace, "Solution")(), entry)
+        value = function(*test_input)
+    except SystemExit as exit_:
+        if kind == "stdin" and exit_.code in (None, 0):
+            return {"status": "ok"}
+        return {"status": "exit", "detail": f"SystemExit({exit_.code!r})"}
+    except MemoryError:
+        return {"status": "memory", "detail": "MemoryError"}
+    except BaseException as error:  # the program's own failure, reported as a runtime error
+        traceback.print_exc()
+        return {"status": "error", "detail": f"{type(error).__name__}: {error}"[:500]}
+    try:
+        return {"status": "ok", "value": canonical(value)}
+    except BaseException as error:  # a value whose encoding fails (deep recursion, a raising __repr__)
+        return {"status": "error", "detail": f"unencodable return value: {type(error).__name__}"}
+
+
+def _lookup(namespace: dict, name: str):
+    if name not in namespace:
+        raise NameError(f"the program does not define {name!r}")
+    return namespace[name]
+
+
+def _child_main(job: dict, test_input, sandbox_module) -> None:
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)),
+                                                 encoding="utf-8", errors="replace")
+    stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False), 1 << 16), encoding="utf-8",
+                              errors="backslashreplace")
+    stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",
+                              errors="backslashreplace", line_buffering=True)
+    sys.stdout = sys.__stdout__ = stdout
+    sys.stderr = sys.__stderr__ = stderr
+    if job["trace"]:
+        _start_tracing(job["codes"], job["bitmap"], sandbox_module)
+    report = _run_program(job, test_input)
+    for stream in (stdout, stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed by the program, or over the output cap
+            pass
+    try:
+        data = json.dumps(report).encode()
+    except (TypeError, ValueError, RecursionError) as error:
+        data = json.dumps({"status": "error", "detail": f"unencodable return value: {error}"[:500]}).encode()
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(3, view):]
+    except OSError:  # fd 3 closed or the result over the cap: the supervisor sees a missing report
+        pass
+    os._exit(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker.
+
+
+class Worker:
+    def __init__(self, extension_path: str, work_root: str, site_dirs: list[str]):
+        self.sandbox = _load_extension(extension_path)
+        self.work_root = work_root
+        builtins.exit = builtins.quit = _exit_builtin  # -S leaves them out; contest programs call exit()
+        sys.path.extend(site_dirs)
+        for name in PRELOADED_MODULES:
+            __import__(name)
+        self.namespaces = self.sandbox.enter_worker_namespaces(work_root)
+        probe = self.sandbox.capabilities()
+        self.drop_privileges = probe["root"] and not self.namespaces["user"]
+        self.uid = self.gid = SANDBOX_UID_BASE + os.getpid() if self.drop_privileges else os.geteuid()
+        if not self.drop_privileges:
+            self.gid = os.getegid()
+        self.landlock = probe["landlock_abi"] > 0
+        self.seccomp = probe["seccomp"]
+        self.keep_fds = self._keep_imports_reachable() if self.drop_privileges else []
+        self.stdin, self.stdout, self.stderr, self.result = (os.memfd_create(name) for name in
+                                                             ("stdin", "stdout", "stderr", "result"))
+        self.tests_run = 0
+        self.job: dict | None = None
+        self.limits: dict = {}
+
+    def layers(self) -> dict:
+        return {
+            "seccomp": self.seccomp,
+            "landlock": self.landlock,
+            "rlimits": True,
+            "no_new_privs": True,
+            "unprivileged_uid": self.drop_privileges,
+            "namespaces": self.namespaces,
+            "line_tracer": "sys.monitoring" if sys.version_info >= (3, 12) else "c-trace",
+            "python": sys.version.split()[0],
+        }
+
+    def _keep_imports_reachable(self) -> list[int]:
+        """Import paths the sandbox uid could not read (a Python under root's mode-700 home) are
+        reopened as directory handles and put on sys.path as /proc/self/fd/N: a process may follow
+        its own fd links, and nothing above those directories becomes reachable."""
+        keep = []
+        for index, entry in enumerate(sys.path):
+            if not entry or not os.path.isdir(entry) or _world_readable(entry):
+                continue
+            fd = os.open(entry, os.O_PATH | os.O_DIRECTORY)
+            keep.append(fd)
+            sys.path[index] = f"/proc/self/fd/{fd}"
+        sys.path_importer_cache.clear()
+        return keep
+
+    def handle(self, message: dict):
+        op = message["op"]
+        if op == "load":
+            return self.load(message)
+        if op == "test":
+            return self.run_test(message["input"])
+        if op == "finish":
+            return self.finish()
+        raise ValueError(f"unknown op {op!r}")
+
+    def load(self, message: dict) -> dict:
+        try:
+            code = compile(message["program"], "<solution>", "exec", dont_inherit=True)
+        except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as error:
+            return {"compile_error": f"{type(error).__name__}: {error}"}
+        codes = _code_objects(code)
+        last_line = max((line for c in codes for *_, line in c.co_lines() if line), default=0)
+        import mmap
+
+        self.job = {"code": code, "codes": codes, "kind": message["kind"], "entry": message["entry"],
+                    "trace": message["trace"], "bitmap": mmap.mmap(-1, last_line + 1)}
+        self.limits = message["limits"]
+        return {"ok": True}
+
+    def run_test(self, test_input) -> dict:
+        job, limits = self.job, self.limits
+        if job["kind"] == "assert":
+            try:
+                test_input = compile(test_input, "<test>", "exec", dont_inherit=True)
+            except (SyntaxError, ValueError) as error:
+                return {"test_error": f"the test code does not compile: {type(error).__name__}: {error}"}
+        stdin = test_input.encode() if job["kind"] == "stdin" else b""
+        for fd in (self.stdin, self.stdout, self.stderr, self.result):
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+        os.write(self.stdin, stdin)
+        os.lseek(self.stdin, 0, os.SEEK_SET)
+        self.tests_run += 1
+        workdir = os.path.join(self.work_root, f"t{self.tests_run}")
+        os.mkdir(workdir, 0o700)
+        try:
+            if self.drop_privileges:
+                os.chown(workdir, self.uid, self.gid)
+            outcome = self.sandbox.run_child(
+                lambda: _child_main(job, test_input, self.sandbox),
+                workdir=workdir, stdin_fd=self.stdin, stdout_fd=self.stdout, stderr_fd=self.stderr,
+                result_fd=self.result, keep_fds=self.keep_fds, timeout=limits["timeout"],
+                memory_bytes=limits["memory_bytes"], cpu_seconds=limits["cpu_seconds"],
+                file_size_bytes=limits["output_bytes"], open_files=limits["open_files"],
+                processes=limits["processes"], drop_privileges=self.drop_privileges, uid=self.uid, gid=self.gid,
+                landlock=self.landlock, seccomp=self.seccomp)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        cap = limits["output_bytes"]
+        outcome["stdout"] = os.pread(self.stdout, cap + 1, 0)
+        outcome["stderr"] = os.pread(self.stderr, cap + 1, 0)
+        outcome["result"] = os.pread(self.result, cap + 1, 0)
+        return outcome
+
+    def finish(self) -> dict:
+        bitmap = self.job["bitmap"]
+        lines = [line for line in range(len(bitmap)) if bitmap[line]]
+        bitmap.close()
+        self.job = None
+        return {"executed_lines": lines}
+
+
+def _world_readable(path: str) -> bool:
+    """Whether any uid can list `path` and reach it from "/"."""
+    path = os.path.abspath(path)
+    if (os.stat(path).st_mode & 0o005) != 0o005:
+        return False
+    while path != "/":
+        path = os.path.dirname(path)
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _code_objects(code) -> list:
+    found, stack = [], [code]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        stack.extend(const for const in current.co_consts if type(const) is type(code))
+    return found
+
+
+def _load_extension(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stepcoder._sandbox", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    channel = 3
+    worker = Worker(sys.argv[1], sys.argv[2], sys.argv[3:])
+    send(channel, {"layers": worker.layers()})
+    import gc
+
+    gc.collect()
+    gc.freeze()  # keep the forked children's copy-on-write pages untouched by the collector
+    while (message := receive(channel)) is not None:
+        try:
+            reply = worker.handle(message)
+        except Exception as error:  # a worker-side failure goes back to the pool, which raises it
+            reply = {"worker_error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+        send(channel, reply)
+    reaper = worker.namespaces["pid_init"]
+    if reaper > 0:
+        os.kill(reaper, 9)
+        os.waitpid(reaper, 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,475 @@
+"""Run untrusted programs against unit tests: a pool of sandbox workers, verdicts, executed lines.
+
+The trainer process never forks (fork cost grows with its resident memory, and forking a threaded
+process can deadlock). ``Sandbox`` instead ``posix_spawn``s a few small worker interpreters
+(``stepcoder/_worker.py``) that fork one isolated child per test through the C++ extension
+``stepcoder._sandbox``: seccomp-bpf, rlimits, Landlock, an unprivileged uid when root, namespaces
+where the kernel allows, a wall-clock deadline enforced from outside, output caps, and line tracing
+into shared memory. Expected outputs never leave this process: workers send back what the program
+printed or returned, and the comparison happens here.
+
+    from stepcoder.sandbox import Sandbox, TestCase
+    with Sandbox(workers=2, timeout=2.0, memory_mb=1024) as sb:
+        r = sb.run("a, b = map(int, input().split())\\nprint(a + b)\\n", [TestCase("1 2\\n", "3\\n")])
+        r.verdict, r.executed_lines   # "pass", [1, 2]
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import queue
+import shutil
+import signal
+import site
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from stepcoder import _worker
+
+KINDS = ("stdin", "function", "method", "assert")
+VERDICTS = ("pass", "wrong_answer", "runtime_error", "timeout", "memory_limit", "output_limit", "compile_error",
+            "violation")
+
+TAIL_BYTES = 2048          # how much of each test's stdout/stderr a result keeps
+C_TRACER_SLOWDOWN = 3.0    # deadlines stretch by this on Python < 3.12 (C trace function, ~3x)
+FLOAT_REL_TOL = 1e-6
+FLOAT_ABS_TOL = 1e-9       # so that 0.0 and 1e-12 compare equal
+WORKER_START_TIMEOUT = 60.0
+REPLY_SLACK = 10.0         # seconds a worker may take beyond a test's deadline before it is presumed dead
+_HEADER = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class TestCase:
+    """One unit test.
+
+    ``input`` is the stdin text (kind "stdin"), the argument list (kinds "function" and "method"), or
+    test code run after the program in its namespace (kind "assert"). ``expected`` is the stdout text
+    or the return value; None for "assert", where passing means the test code raised nothing.
+    """
+
+    input: Any
+    expected: Any = None
+
+
+@dataclass
+class TestResult:
+    verdict: str
+    seconds: float          # wall clock, fork to reap
+    cpu_seconds: float
+    max_rss_kb: int
+    stdout: str             # the last TAIL_BYTES
+    stderr: str
+    detail: str | None = None
+
+
+@dataclass
+class Result:
+    verdict: str
+    tests: list[TestResult] = field(default_factory=list)
+    executed_lines: list[int] = field(default_factory=list)  # 1-based lines of the program that ran
+    detail: str | None = None                                 # the compile error, or the first failure's
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (not the program under test)."""
+
+
+class _WorkerLost(Exception):
+    """A worker died or stopped answering; its job is retried once on a fresh one."""
+
+
+@dataclass(frozen=True)
+class _Job:
+    program: str
+    tests: tuple[TestCase, ...]
+    kind: str
+    entry: str | None
+
+
+class Sandbox:
+    """A pool of sandbox workers. Use as a context manager, or call ``close()``.
+
+    Args:
+        workers: worker processes (default: the CPU count); tests of one program run in order on one
+            worker, programs run in parallel across workers.
+        timeout: wall-clock seconds per test (stretched x3 while tracing on Python < 3.12).
+        memory_mb: address-space limit per test child (RLIMIT_AS).
+        output_bytes: cap on stdout, on stderr and on any file the program writes.
+        trace: record executed lines (``Result.executed_lines``).
+        stop_on_first_failure: stop a program's tests at its first non-passing one.
+        site_packages: let programs import third-party packages installed beside this Python
+            (numpy, scipy); the standard library is always there.
+    """
+
+    def __init__(self, workers: int | None = None, timeout: float = 2.0, memory_mb: int = 1024, *,
+                 output_bytes: int = 1 << 20, trace: bool = True, stop_on_first_failure: bool = True,
+                 open_files: int = 64, processes: int = 64, site_packages: bool = True):
+        workers = (os.cpu_count() or 1) if workers is None else workers
+        _require(isinstance(workers, int) and workers >= 1, f"workers must be a positive int, got {workers!r}")
+        _require(_positive(timeout), f"timeout must be a positive number of seconds, got {timeout!r}")
+        _require(isinstance(memory_mb, int) and memory_mb >= 64, f"memory_mb must be an int >= 64, got {memory_mb!r}")
+        _require(isinstance(output_bytes, int) and output_bytes >= 1024,
+                 f"output_bytes must be an int >= 1024, got {output_bytes!r}")
+        _require(isinstance(open_files, int) and open_files >= 16, f"open_files must be an int >= 16, got {open_files!r}")
+        _require(isinstance(processes, int) and processes >= 1, f"processes must be a positive int, got {processes!r}")
+        self.timeout = float(timeout)
+        self.trace = trace
+        self.stop_on_first_failure = stop_on_first_failure
+        self.output_bytes = output_bytes
+        self._limits = {"memory_bytes": memory_mb << 20, "output_bytes": output_bytes, "open_files": open_files,
+                        "processes": processes}
+        self._site_dirs = [d for d in site.getsitepackages() if os.path.isdir(d)] if site_packages else []
+        self._root = tempfile.mkdtemp(prefix="stepcoder-sandbox-")
+        os.chmod(self._root, 0o711)
+        self._spawned = 0
+        self._spawn_lock = threading.Lock()
+        self._idle: queue.SimpleQueue[_WorkerProcess] = queue.SimpleQueue()
+        self._all: list[_WorkerProcess] = []
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _shutdown, self._all, self._root)
+        try:
+            for _ in range(workers):
+                self._idle.put(self._spawn())
+        except BaseException:
+            self.close()
+            raise
+        self._layers = self._all[0].layers
+        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stepcoder-sandbox")
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stops every worker (and so every test child) and removes the pool's directories."""
+        if self._closed:
+            return
+        self._closed = True
+        if hasattr(self, "_threads"):
+            self._threads.shutdown(wait=True)
+        self._finalizer()
+
+    def capabilities(self) -> dict:
+        """The isolation layers active in the workers (a layer the kernel refused is False)."""
+        return dict(self._layers)
+
+    def worker_pids(self) -> list[int]:
+        return [worker.pid for worker in self._all if worker.alive]
+
+    def run(self, program: str, tests: Sequence[TestCase], kind: str = "stdin", entry: str | None = None) -> Result:
+        """Judges one program against its tests."""
+        return self.run_many([(program, tests, kind, entry)])[0]
+
+    def run_many(self, jobs: Iterable[tuple], progress: bool = False) -> list[Result]:
+        """Judges many ``(program, tests[, kind[, entry]])`` jobs in parallel; results in input order."""
+        if self._closed:
+            raise ValueError("this Sandbox is closed")
+        checked = [_check_job(index, job) for index, job in enumerate(jobs)]
+        futures = [self._threads.submit(self._judge_with_retry, job) for job in checked]
+        if progress:
+            from tqdm.auto import tqdm
+
+            for future in tqdm(futures, desc="sandbox", unit="program"):
+                future.result()
+        return [future.result() for future in futures]
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _spawn(self) -> _WorkerProcess:
+        with self._spawn_lock:
+            self._spawned += 1
+            work_dir = os.path.join(self._root, f"w{self._spawned}")
+        os.mkdir(work_dir, 0o711)
+        worker = _WorkerProcess(work_dir, self._site_dirs)
+        self._all.append(worker)
+        return worker
+
+    def _judge_with_retry(self, job: _Job) -> Result:
+        for attempt in range(2):
+            worker = self._idle.get()
+            try:
+                result = self._judge(worker, job)
+            except _WorkerLost as lost:
+                worker.stop()
+                self._all.remove(worker)
+                self._idle.put(self._spawn())
+                if attempt == 1:
+                    return Result("runtime_error", detail=f"the sandbox worker died twice running this program ({lost})")
+                continue
+            self._idle.put(worker)
+            return result
+        raise AssertionError("unreachable")
+
+    def _judge(self, worker: _WorkerProcess, job: _Job) -> Result:
+        stretch = C_TRACER_SLOWDOWN if self.trace and worker.layers["line_tracer"] == "c-trace" else 1.0
+        deadline = self.timeout * stretch
+        limits = dict(self._limits, timeout=deadline, cpu_seconds=math.ceil(deadline) + 1)
+        loaded = worker.call({"op": "load", "program": job.program, "kind": job.kind, "entry": job.entry,
+                              "trace": self.trace, "limits": limits}, WORKER_START_TIMEOUT)
+        if "compile_error" in loaded:
+            return Result("compile_error", detail=loaded["compile_error"])
+        tests = []
+        for test in job.tests:
+            raw = worker.call({"op": "test", "input": test.input}, deadline + REPLY_SLACK)
+            tests.append(self._classify(raw, test, job.kind))
+            if tests[-1].verdict != "pass" and self.stop_on_first_failure:
+                break
+        lines = worker.call({"op": "finish"}, REPLY_SLACK)["executed_lines"]
+        failure = next((t for t in tests if t.verdict != "pass"), None)
+        if failure is None:
+            return Result("pass", tests, lines)
+        return Result(failure.verdict, tests, lines, failure.detail)
+
+    def _classify(self, raw: dict, test: TestCase, kind: str) -> TestResult:
+        if raw.get("test_error"):
+            raise ValueError(raw["test_error"])
+        if raw["setup_error"] is not None:
+            raise SandboxError(f"a test child could not be isolated: {raw['setup_error']}")
+        stdout, stderr, result = raw["stdout"], raw["stderr"], raw["result"]
+        cap = self.output_bytes
+        report = _parse_report(result) if len(result) < cap else None
+        verdict, detail = _verdict(raw, report, kind, stdout, stderr, cap)
+        if verdict is None:
+            verdict, detail = _compare(kind, test, stdout, report)
+        return TestResult(verdict, raw["wall_seconds"], raw["cpu_seconds"], raw["max_rss_kb"], _tail(stdout),
+                          _tail(stderr), detail)
+
+
+def _verdict(raw: dict, report: dict | None, kind: str, stdout: bytes, stderr: bytes, cap: int):
+    """The verdict from how the child ended, or (None, None) when its output decides."""
+    sig = raw["signal"]
+    if raw["timed_out"] or sig == signal.SIGXCPU:
+        return "timeout", "killed at the deadline" if raw["timed_out"] else "CPU time limit"
+    if sig == signal.SIGSYS:
+        return "violation", "a forbidden system call (seccomp)"
+    if len(stdout) >= cap or len(stderr) >= cap or (report is None and len(raw["result"]) >= cap):
+        return "output_limit", f"output reached the {cap}-byte cap"
+    if report is not None and report.get("status") == "memory":
+        return "memory_limit", "MemoryError"
+    if sig:
+        return "runtime_error", f"killed by {signal.Signals(sig).name}" if sig in signal.valid_signals() else f"signal {sig}"
+    if report is None:
+        if kind == "stdin" and raw["exit_code"] == 0:
+            return None, None  # os._exit(0): what it printed still has to be right
+        return "runtime_error", f"exited with code {raw['exit_code']} before finishing"
+    if report.get("status") != "ok":
+        return "runtime_error", report.get("detail")
+    return None, None
+
+
+def _compare(kind: str, test: TestCase, stdout: bytes, report: dict | None) -> tuple[str, str | None]:
+    if kind == "assert":
+        return "pass", None
+    if kind == "stdin":
+        if _lines(stdout.decode("utf-8", "replace")) == _lines(test.expected):
+            return "pass", None
+        return "wrong_answer", "stdout differs from the expected output"
+    if report is None or "value" not in report:
+        return "runtime_error", "no return value was reported"
+    if values_equal(report["value"], _worker.canonical(test.expected)):
+        return "pass", None
+    return "wrong_answer", f"returned {json.dumps(report['value'])[:200]}"
+
+
+def _lines(text: str) -> list[str]:
+    """Stdout as compared: line by line, trailing whitespace and trailing blank lines ignored."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def values_equal(actual, expected) -> bool:
+    """Structural equality of two ``canonical`` encodings: floats within 1e-6 relative, tuples equal
+    lists (both encode as lists), bools only equal bools, dicts and sets regardless of order."""
+    if type(actual) is bool or type(expected) is bool:
+        return type(actual) is type(expected) and actual == expected
+    if type(actual) in (int, float) and type(expected) in (int, float):
+        if type(actual) is int and type(expected) is int:
+            return actual == expected
+        if math.isnan(actual) or math.isnan(expected):
+            return math.isnan(actual) and math.isnan(expected)
+        return math.isclose(actual, expected, rel_tol=FLOAT_REL_TOL, abs_tol=FLOAT_ABS_TOL)
+    if type(actual) is list and type(expected) is list:
+        return len(actual) == len(expected) and all(map(values_equal, actual, expected))
+    if type(actual) is dict and type(expected) is dict:
+        if actual.keys() != expected.keys() or len(actual) != 1:
+            return False
+        tag = next(iter(actual))
+        if tag in ("__dict__", "__set__"):
+            return _unordered_equal(actual[tag], expected[tag])
+        return actual == expected
+    return type(actual) is type(expected) and actual == expected
+
+
+def _unordered_equal(actual: list, expected: list) -> bool:
+    if len(actual) != len(expected):
+        return False
+    key = lambda item: json.dumps(item, sort_keys=True)  # noqa: E731
+    if sorted(map(key, actual)) == sorted(map(key, expected)):
+        return True
+    left = list(expected)  # slow path: elements equal only within float tolerance
+    for item in actual:
+        match = next((i for i, other in enumerate(left) if values_equal(item, other)), None)
+        if match is None:
+            return False
+        left.pop(match)
+    return True
+
+
+def _parse_report(data: bytes) -> dict | None:
+    try:
+        report = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return report if type(report) is dict else None
+
+
+def _tail(data: bytes) -> str:
+    return data[-TAIL_BYTES:].decode("utf-8", "replace")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_job(index: int, job) -> _Job:
+    where = f"job {index}"
+    _require(isinstance(job, (tuple, list)) and 2 <= len(job) <= 4,
+             f"{where}: expected (program, tests[, kind[, entry]]), got {type(job).__name__}")
+    program, tests, kind, entry = (*job, "stdin", None)[:4] if len(job) == 2 else (*job, None)[:4]
+    _require(isinstance(program, str), f"{where}: program must be a str, got {type(program).__name__}")
+    _require(kind in KINDS, f"{where}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind in ("function", "method"):
+        _require(isinstance(entry, str) and entry.isidentifier(),
+                 f"{where}: kind {kind!r} needs entry, the name of the function to call (got {entry!r})")
+    else:
+        _require(entry is None or (isinstance(entry, str) and entry.isidentifier()),
+                 f"{where}: entry must be None or a function name, got {entry!r}")
+    _require(isinstance(tests, (list, tuple)) and len(tests) > 0, f"{where}: tests must be a non-empty list")
+    for number, test in enumerate(tests):
+        at = f"{where}, test {number}"
+        _require(isinstance(test, TestCase), f"{at}: expected a TestCase, got {type(test).__name__}")
+        if kind == "stdin":
+            _require(isinstance(test.input, str), f"{at}: stdin input must be a str")
+            _require(isinstance(test.expected, str), f"{at}: expected stdout must be a str")
+        elif kind == "assert":
+            _require(isinstance(test.input, str), f"{at}: assert input must be test code (a str)")
+            try:
+                compile(test.input, "<test>", "exec", dont_inherit=True)
+            except SyntaxError as error:
+                raise ValueError(f"{at}: the test code does not compile: {error}") from None
+        else:
+            _require(isinstance(test.input, (list, tuple)), f"{at}: input must be the argument list")
+    return _Job(program, tuple(tests), kind, entry)
+
+
+class _WorkerProcess:
+    """One spawned worker and the socket to it."""
+
+    def __init__(self, work_dir: str, site_dirs: list[str]):
+        from stepcoder import _sandbox  # the compiled extension; the worker loads it from this path
+
+        ours, theirs = socket.socketpair()
+        argv = [sys.executable, "-I", "-S", "-B", "-X", "utf8", _worker.__file__, _sandbox.__file__, work_dir,
+                *site_dirs]
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+        try:
+            self.pid = os.posix_spawn(sys.executable, argv, env, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
+            ], setsigmask=())
+        finally:
+            theirs.close()
+        self.work_dir = work_dir
+        self.sock = ours
+        self.alive = True
+        try:
+            hello = self.call(None, WORKER_START_TIMEOUT)
+        except _WorkerLost as lost:
+            self.stop()
+            raise SandboxError(f"a sandbox worker failed to start ({lost}); see its stderr above") from None
+        self.layers = hello["layers"]
+
+    def call(self, message: dict | None, timeout: float) -> dict:
+        """Sends `message` (None: only receive) and waits for the reply."""
+        self.sock.settimeout(timeout)
+        try:
+            if message is not None:
+                body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+                self.sock.sendall(_HEADER.pack(len(body)) + body)
+            (size,) = _HEADER.unpack(self._receive(_HEADER.size))
+            reply = pickle.loads(self._receive(size))
+        except (OSError, EOFError) as error:
+            raise _WorkerLost(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__) from None
+        if "worker_error" in reply:
+            raise SandboxError(f"sandbox worker error: {reply['worker_error']}\n{reply['traceback']}")
+        return reply
+
+    def _receive(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        view, got = memoryview(buffer), 0
+        while got < size:
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise EOFError("the worker closed its socket")
+            got += n
+        return bytes(buffer)
+
+    def stop(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        self.sock.close()
+        for wait in (1.0, None):
+            if _wait_pid(self.pid, wait):
+                break
+            os.kill(self.pid, signal.SIGKILL)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def _wait_pid(pid: int, seconds: float | None) -> bool:
+    """Reaps `pid`, waiting up to `seconds` (forever for None); False if it is still running."""
+    import time
+
+    end = None if seconds is None else time.monotonic() + seconds
+    while True:
+        try:
+            done, _ = os.waitpid(pid, 0 if end is None else os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done:
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.01)
+
+
+def _shutdown(workers: list[_WorkerProcess], root: str) -> None:
+    for worker in list(workers):
+        worker.stop()
+    workers.clear()
+    shutil.rmtree(root, ignore_errors=True)
+

@@ -269,15 +269,18 @@ class Worker:
         """Import paths the sandbox uid could not read (a Python under root's mode-700 home) are
         reopened as directory handles and put on sys.path as /proc/self/fd/N: a process may follow
         its own fd links, and nothing above those directories becomes reachable."""
-        keep = []
+        moved = {}
         for index, entry in enumerate(sys.path):
             if not entry or not os.path.isdir(entry) or _world_readable(entry):
                 continue
             fd = os.open(entry, os.O_PATH | os.O_DIRECTORY)
-            keep.append(fd)
-            sys.path[index] = f"/proc/self/fd/{fd}"
+            moved[os.path.abspath(entry)] = sys.path[index] = f"/proc/self/fd/{fd}"
+        for module in list(sys.modules.values()):  # packages already imported (encodings, json, ...)
+            search = getattr(module, "__path__", None)
+            if isinstance(search, list):
+                search[:] = [_relocate(path, moved) for path in search]
         sys.path_importer_cache.clear()
-        return keep
+        return [int(path.rsplit("/", 1)[1]) for path in moved.values()]
 
     def handle(self, message: dict):
         op = message["op"]
@@ -356,6 +359,13 @@ def _world_readable(path: str) -> bool:
         if not os.stat(path).st_mode & stat.S_IXOTH:
             return False
     return True
+
+
+def _relocate(path: str, moved: dict[str, str]) -> str:
+    for old, new in sorted(moved.items(), key=lambda item: -len(item[0])):  # the deepest match
+        if path == old or path.startswith(old + os.sep):
+            return new + path[len(old):]
+    return path
 
 
 def _code_objects(code) -> list:

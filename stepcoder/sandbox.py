@@ -57,6 +57,8 @@ class TestCase:
     or the return value; None for "assert", where passing means the test code raised nothing.
     """
 
+    __test__ = False  # not a pytest test class
+
     input: Any
     expected: Any = None
 
@@ -358,7 +360,7 @@ def _check_job(index: int, job) -> _Job:
     where = f"job {index}"
     _require(isinstance(job, (tuple, list)) and 2 <= len(job) <= 4,
              f"{where}: expected (program, tests[, kind[, entry]]), got {type(job).__name__}")
-    program, tests, kind, entry = (*job, "stdin", None)[:4] if len(job) == 2 else (*job, None)[:4]
+    program, tests, kind, entry = (*job, *("stdin", None)[len(job) - 2:])
     _require(isinstance(program, str), f"{where}: program must be a str, got {type(program).__name__}")
     _require(kind in KINDS, f"{where}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind in ("function", "method"):
@@ -376,6 +378,7 @@ def _check_job(index: int, job) -> _Job:
             _require(isinstance(test.expected, str), f"{at}: expected stdout must be a str")
         elif kind == "assert":
             _require(isinstance(test.input, str), f"{at}: assert input must be test code (a str)")
+            _require(test.expected is None, f"{at}: assert tests have no expected value (passing = no exception)")
             try:
                 compile(test.input, "<test>", "exec", dont_inherit=True)
             except SyntaxError as error:

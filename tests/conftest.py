@@ -1,0 +1,37 @@
+"""Shared fixtures. Sandbox tests need the compiled extension (`pip install -e .`)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from stepcoder.sandbox import Sandbox
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox(workers=2, timeout=1.0) as sb:
+        yield sb
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of `pid`, mapped to its state letter (Z = zombie), from /proc."""
+    children: dict[int, list[int]] = {}
+    states: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        states[int(entry)] = fields[0]
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, stack = {}, list(children.get(pid, []))
+    while stack:
+        current = stack.pop()
+        found[current] = states.get(current, "?")
+        stack.extend(children.get(current, []))
+    return found

@@ -1,0 +1,53 @@
+"""After 10,000 runs (passes, failures, crashes, violations, timeouts) no zombie or stray process is
+left: while the pool lives, each worker has only its PID-namespace init below it; after close(),
+nothing at all, and no process runs under a sandbox uid."""
+from __future__ import annotations
+
+import os
+
+from conftest import descendants
+from stepcoder._worker import SANDBOX_UID_BASE
+from stepcoder.sandbox import Sandbox, TestCase
+
+PROGRAMS = [
+    ("print(int(input()) + 1)\n", "pass"),
+    ("print(int(input()) + 2)\n", "wrong_answer"),
+    ("print(1 // 0)\n", "runtime_error"),
+    ("import os\nos.fork()\n", "violation"),
+    ("import ctypes\nctypes.string_at(0)\n", "runtime_error"),
+    ("import threading\nt = threading.Thread(target=print)\nt.start()\nt.join()\nprint(int(input()) + 1)\n", "wrong_answer"),
+]
+TIMEOUTS = 10
+
+
+def _sandbox_uid_processes() -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + (1 << 23):
+            found.append(int(entry))
+    return found
+
+
+def test_no_zombie_or_stray_process_after_10000_runs():
+    jobs, expected = [], []
+    for i in range(10_000 - TIMEOUTS):
+        program, verdict = PROGRAMS[i % len(PROGRAMS)]
+        jobs.append((program, [TestCase(f"{i}\n", f"{i + 1}\n")]))
+        expected.append(verdict)
+    jobs += [("while True:\n    pass\n", [TestCase("", "")])] * TIMEOUTS
+    expected += ["timeout"] * TIMEOUTS
+    with Sandbox(workers=2, timeout=0.3) as sb:
+        verdicts = [r.verdict for r in sb.run_many(jobs)]
+        assert verdicts == expected
+        for pid in sb.worker_pids():
+            below = descendants(pid)
+            assert len(below) <= 1 and "Z" not in below.values(), below
+        workers = sb.worker_pids()
+    assert descendants(os.getpid()) == {}
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in workers)
+    assert _sandbox_uid_processes() == []

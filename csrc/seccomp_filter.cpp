@@ -113,8 +113,10 @@ std::vector<sock_filter> build_filter(pid_t self) {
     f.jump_equal(static_cast<uint32_t>(nr), 0, 1);
     f.ret(kKill);
   }
+#ifdef SYS_clone3
   f.jump_equal(SYS_clone3, 0, 1);
   f.ret(kNoSys);
+#endif
   // clone: only threads (CLONE_THREAD); a new process is a fork.
   f.jump_equal(SYS_clone, 0, 4);
   f.load(kArg0Low);

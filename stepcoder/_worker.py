@@ -1,7 +1,7 @@
 """A sandbox worker: one small interpreter that forks an isolated child per test.
 
 ``stepcoder.sandbox.Sandbox`` starts each worker with ``posix_spawn`` as
-``python -I -S -B -X utf8 _worker.py EXTENSION WORK_ROOT [SITE_DIR ...]`` and talks to it over fd 3
+``python -I -S -B -X utf8 _worker.py CONFIG_JSON`` and talks to it over fd 3
 (length-prefixed pickles; both ends are trusted code). The worker never runs untrusted code itself: it
 compiles the program (a SyntaxError costs no fork), then for each test forks a child through
 ``stepcoder._sandbox.run_child``, which applies every isolation layer before calling back into
@@ -231,27 +231,45 @@ def _child_main(job: dict, test_input, sandbox_module) -> None:
 
 
 class Worker:
-    def __init__(self, extension_path: str, work_root: str, site_dirs: list[str]):
-        self.sandbox = _load_extension(extension_path)
-        self.work_root = work_root
+    def __init__(self, config: dict):
+        self.sandbox = _load_extension(config["extension"])
+        self.work_root = config["work_root"]
         builtins.exit = builtins.quit = _exit_builtin  # -S leaves them out; contest programs call exit()
-        sys.path.extend(site_dirs)
+        sys.path.extend(config["site_dirs"])
         for name in PRELOADED_MODULES:
             __import__(name)
-        self.namespaces = self.sandbox.enter_worker_namespaces(work_root)
+        self.namespaces = (self.sandbox.enter_worker_namespaces(self.work_root) if config["namespaces"] else
+                           {"user": False, "net": False, "mount": False, "readonly_root": False, "pid": False,
+                            "ipc": False, "uts": False, "pid_init": -1, "refused": "turned off (namespaces=False)"})
         probe = self.sandbox.capabilities()
         self.drop_privileges = probe["root"] and not self.namespaces["user"]
-        self.uid = self.gid = SANDBOX_UID_BASE + os.getpid() if self.drop_privileges else os.geteuid()
-        if not self.drop_privileges:
-            self.gid = os.getegid()
+        self.uid, self.gid = ((SANDBOX_UID_BASE + os.getpid(),) * 2 if self.drop_privileges else
+                              (os.geteuid(), os.getegid()))
         self.landlock = probe["landlock_abi"] > 0
         self.seccomp = probe["seccomp"]
+        self.refused: dict[str, str] = {}
         self.keep_fds = self._keep_imports_reachable() if self.drop_privileges else []
         self.stdin, self.stdout, self.stderr, self.result = (os.memfd_create(name) for name in
                                                              ("stdin", "stdout", "stderr", "result"))
         self.tests_run = 0
         self.job: dict | None = None
-        self.limits: dict = {}
+        self.limits: dict = {"timeout": 5.0, "memory_bytes": 1 << 30, "cpu_seconds": 6, "output_bytes": 1 << 20,
+                             "open_files": 64, "processes": 64}
+        self._self_check()
+
+    def _self_check(self) -> None:
+        """Forks one empty child with every layer on; a layer the kernel or container refuses is
+        switched off (and reported) rather than failing every test."""
+        switches = {"landlock": "landlock", "seccomp": "seccomp", "setresuid": "drop_privileges"}
+        while True:
+            error = self._fork(lambda: None)["setup_error"]
+            if error is None:
+                return
+            layer = next((attr for step, attr in switches.items() if step in error and getattr(self, attr)), None)
+            if layer is None:
+                raise RuntimeError(f"a sandbox child could not be set up: {error}")
+            setattr(self, layer, False)
+            self.refused[layer] = error
 
     def layers(self) -> dict:
         return {
@@ -261,6 +279,7 @@ class Worker:
             "no_new_privs": True,
             "unprivileged_uid": self.drop_privileges,
             "namespaces": self.namespaces,
+            "refused": self.refused,
             "line_tracer": "sys.monitoring" if sys.version_info >= (3, 12) else "c-trace",
             "python": sys.version.split()[0],
         }
@@ -319,15 +338,23 @@ class Worker:
             os.lseek(fd, 0, os.SEEK_SET)
         os.write(self.stdin, stdin)
         os.lseek(self.stdin, 0, os.SEEK_SET)
+        outcome = self._fork(lambda: _child_main(job, test_input, self.sandbox))
+        cap = limits["output_bytes"]
+        outcome["stdout"] = os.pread(self.stdout, cap + 1, 0)
+        outcome["stderr"] = os.pread(self.stderr, cap + 1, 0)
+        outcome["result"] = os.pread(self.result, cap + 1, 0)
+        return outcome
+
+    def _fork(self, body) -> dict:
+        limits = self.limits
         self.tests_run += 1
         workdir = os.path.join(self.work_root, f"t{self.tests_run}")
         os.mkdir(workdir, 0o700)
         try:
             if self.drop_privileges:
                 os.chown(workdir, self.uid, self.gid)
-            outcome = self.sandbox.run_child(
-                lambda: _child_main(job, test_input, self.sandbox),
-                workdir=workdir, stdin_fd=self.stdin, stdout_fd=self.stdout, stderr_fd=self.stderr,
+            return self.sandbox.run_child(
+                body, workdir=workdir, stdin_fd=self.stdin, stdout_fd=self.stdout, stderr_fd=self.stderr,
                 result_fd=self.result, keep_fds=self.keep_fds, timeout=limits["timeout"],
                 memory_bytes=limits["memory_bytes"], cpu_seconds=limits["cpu_seconds"],
                 file_size_bytes=limits["output_bytes"], open_files=limits["open_files"],
@@ -335,11 +362,6 @@ class Worker:
                 landlock=self.landlock, seccomp=self.seccomp)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        cap = limits["output_bytes"]
-        outcome["stdout"] = os.pread(self.stdout, cap + 1, 0)
-        outcome["stderr"] = os.pread(self.stderr, cap + 1, 0)
-        outcome["result"] = os.pread(self.result, cap + 1, 0)
-        return outcome
 
     def finish(self) -> dict:
         bitmap = self.job["bitmap"]
@@ -388,18 +410,21 @@ def _load_extension(path: str):
 
 def main() -> None:
     channel = 3
-    worker = Worker(sys.argv[1], sys.argv[2], sys.argv[3:])
+    worker = Worker(json.loads(sys.argv[1]))
     send(channel, {"layers": worker.layers()})
     import gc
 
     gc.collect()
     gc.freeze()  # keep the forked children's copy-on-write pages untouched by the collector
-    while (message := receive(channel)) is not None:
-        try:
-            reply = worker.handle(message)
-        except Exception as error:  # a worker-side failure goes back to the pool, which raises it
-            reply = {"worker_error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-        send(channel, reply)
+    try:
+        while (message := receive(channel)) is not None:
+            try:
+                reply = worker.handle(message)
+            except Exception as error:  # a worker-side failure goes back to the pool, which raises it
+                reply = {"worker_error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+            send(channel, reply)
+    except ConnectionError:
+        pass  # the pool went away: its end of the socket closed
     reaper = worker.namespaces["pid_init"]
     if reaper > 0:
         os.kill(reaper, 9)

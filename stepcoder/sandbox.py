@@ -115,11 +115,13 @@ class Sandbox:
         stop_on_first_failure: stop a program's tests at its first non-passing one.
         site_packages: let programs import third-party packages installed beside this Python
             (numpy, scipy); the standard library is always there.
+        namespaces: let each worker enter new namespaces where the kernel allows (off: seccomp,
+            Landlock, rlimits and the uid change still apply).
     """
 
     def __init__(self, workers: int | None = None, timeout: float = 2.0, memory_mb: int = 1024, *,
                  output_bytes: int = 1 << 20, trace: bool = True, stop_on_first_failure: bool = True,
-                 open_files: int = 64, processes: int = 64, site_packages: bool = True):
+                 open_files: int = 64, processes: int = 64, site_packages: bool = True, namespaces: bool = True):
         workers = (os.cpu_count() or 1) if workers is None else workers
         _require(isinstance(workers, int) and workers >= 1, f"workers must be a positive int, got {workers!r}")
         _require(_positive(timeout), f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -135,6 +137,7 @@ class Sandbox:
         self._limits = {"memory_bytes": memory_mb << 20, "output_bytes": output_bytes, "open_files": open_files,
                         "processes": processes}
         self._site_dirs = [d for d in site.getsitepackages() if os.path.isdir(d)] if site_packages else []
+        self._namespaces = namespaces
         self._root = tempfile.mkdtemp(prefix="stepcoder-sandbox-")
         os.chmod(self._root, 0o711)
         self._spawned = 0
@@ -198,7 +201,7 @@ class Sandbox:
             self._spawned += 1
             work_dir = os.path.join(self._root, f"w{self._spawned}")
         os.mkdir(work_dir, 0o711)
-        worker = _WorkerProcess(work_dir, self._site_dirs)
+        worker = _WorkerProcess({"work_root": work_dir, "site_dirs": self._site_dirs, "namespaces": self._namespaces})
         self._all.append(worker)
         return worker
 
@@ -391,12 +394,12 @@ def _check_job(index: int, job) -> _Job:
 class _WorkerProcess:
     """One spawned worker and the socket to it."""
 
-    def __init__(self, work_dir: str, site_dirs: list[str]):
+    def __init__(self, config: dict):
         from stepcoder import _sandbox  # the compiled extension; the worker loads it from this path
 
         ours, theirs = socket.socketpair()
-        argv = [sys.executable, "-I", "-S", "-B", "-X", "utf8", _worker.__file__, _sandbox.__file__, work_dir,
-                *site_dirs]
+        config = dict(config, extension=_sandbox.__file__)
+        argv = [sys.executable, "-I", "-S", "-B", "-X", "utf8", _worker.__file__, json.dumps(config)]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
         try:
@@ -406,7 +409,7 @@ class _WorkerProcess:
             ], setsigmask=())
         finally:
             theirs.close()
-        self.work_dir = work_dir
+        self.work_dir = config["work_root"]
         self.sock = ours
         self.alive = True
         try:

@@ -264,3 +264,15 @@ def test_lethal_attacks_inside_a_throwaway_pid_namespace():
         assert report["verdicts"][name] in allowed, (name, report["verdicts"][name])
     assert report["healthy"] == "pass"
     assert set(descendants(os.getpid())) == before  # the namespace and everything in it are gone
+
+
+def test_without_namespaces_the_other_layers_still_hold():
+    with Sandbox(workers=1, timeout=1.0, namespaces=False) as sb:
+        layers = sb.capabilities()
+        assert not any(layers["namespaces"][name] for name in ("user", "net", "mount", "pid"))
+        assert judge(sb, "import socket\nsocket.socket()\n") == "violation"
+        assert judge(sb, "import os\nos.fork()\n") == "violation"
+        token = uuid.uuid4().hex
+        assert judge(sb, f"open('/tmp/{token}', 'w').write('x')\n") == "runtime_error"
+        assert not os.path.exists(f"/tmp/{token}")
+        assert judge(sb, "x = bytearray(10 * 1024 ** 3)\n") == "memory_limit"

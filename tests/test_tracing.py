@@ -1,6 +1,7 @@
 """Executed lines: equal to what sys.settrace reports for the same program and input, restricted to
 the program; kept after a timeout; not switchable off by the program. Both tracer paths: this
-interpreter's, and Python 3.12 / 3.13 (sys.monitoring) with the extension built for them here."""
+interpreter's, and Python 3.10 (C trace function) and 3.12 / 3.13 (sys.monitoring), with the
+extension built for them here."""
 from __future__ import annotations
 
 import json
@@ -186,7 +187,7 @@ def test_tracing_can_be_turned_off():
 
 
 # ------------------------------------------------------------------------------------------------
-# The other tracer path: build the extension for Python 3.12 / 3.13 and compare there.
+# Other interpreters, both tracer paths: build the extension for each and compare there.
 
 
 def _find_python(version: str) -> str | None:
@@ -216,14 +217,17 @@ def _build_for(python: str, build_dir: Path) -> None:
                    check=True, capture_output=True)
 
 
-@pytest.mark.parametrize("version", ["3.12", "3.13"])
-def test_sys_monitoring_tracer_equals_settrace(version, tmp_path):
+@pytest.mark.parametrize("version, tracer", [("3.10", "c-trace"), ("3.12", "sys.monitoring"),
+                                             ("3.13", "sys.monitoring")])
+def test_tracer_of_another_python_equals_settrace(version, tracer, tmp_path):
     python = _find_python(version)
     if python is None:
         pytest.skip(f"Python {version} is not installed")
     _build_for(python, tmp_path / "build")
     rng = random.Random()
-    cases = [{"program": TRICKY, "inputs": ["-3\n", "5\n", "42\n"]}, {"program": MONITORING_TAMPER, "inputs": [""]}]
+    cases = [{"program": TRICKY, "inputs": ["-3\n", "5\n", "42\n"]}]
+    if tracer == "sys.monitoring":
+        cases.append({"program": MONITORING_TAMPER, "inputs": [""]})
     cases += [{"program": random_program(rng), "inputs": [f"{rng.randint(-5, 5)} {rng.randint(-5, 5)}\n"
                                                           for _ in range(rng.randint(1, 3))]} for _ in range(25)]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
@@ -231,7 +235,7 @@ def test_sys_monitoring_tracer_equals_settrace(version, tmp_path):
                            str(tmp_path / "cases.json")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["tracer"] == "sys.monitoring" and report["python"].startswith(version)
+    assert report["tracer"] == tracer and report["python"].startswith(version)
     for case, row in zip(cases, report["rows"]):
         assert row["verdict"] == "pass", case["program"]
         assert row["sandbox"] == row["settrace"], case["program"]

@@ -108,7 +108,12 @@ def _exit_builtin(code=None):
 
 
 def _start_tracing(codes: list, bitmap, sandbox_module) -> None:
-    """Record the program's executed lines into the shared bitmap; the program cannot switch it off."""
+    """Record the program's executed lines into the shared bitmap; the program cannot switch it off.
+
+    The functions that could stop the tracer are replaced by stubs that keep no reference to the
+    originals (which are then freed), so not even a program digging through closures or
+    ``gc.get_objects()`` can reach them.
+    """
     if sys.version_info >= (3, 12):
         monitoring = sys.monitoring
         disable, line_event = monitoring.DISABLE, monitoring.events.LINE
@@ -124,37 +129,30 @@ def _start_tracing(codes: list, bitmap, sandbox_module) -> None:
         for name in ("use_tool_id", "free_tool_id", "clear_tool_id", "register_callback", "set_events",
                      "set_local_events"):
             if hasattr(monitoring, name):
-                setattr(monitoring, name, _guarded(getattr(monitoring, name)))
+                setattr(monitoring, name, _refuse_monitoring)
         return
     import threading
 
     sandbox_module.start_line_trace(codes, bitmap)
-
-    def thread_hook(frame, event, arg):
-        sandbox_module.trace_current_thread()  # replaces this Python-level hook with the C tracer
-
-    real_settrace = sys.settrace
-
-    def settrace(function):
-        if function is not thread_hook:
-            raise RuntimeError("sys.settrace is reserved by the stepcoder sandbox's line tracer")
-        real_settrace(function)
-
-    def refuse(function):
-        raise RuntimeError("threading.settrace is reserved by the stepcoder sandbox's line tracer")
-
-    sys.settrace = settrace
-    threading.settrace = refuse
-    threading._trace_hook = thread_hook
+    sys.settrace = _refuse_settrace
+    threading.settrace = _refuse_settrace
+    threading._trace_hook = _trace_new_thread  # threading passes it to sys.settrace in each new thread
+    _trace_new_thread.install = sandbox_module.trace_current_thread
 
 
-def _guarded(function):
-    def guarded(tool_id, *args):
-        if tool_id == MONITORING_TOOL:
-            raise ValueError(f"sys.monitoring tool {MONITORING_TOOL} is reserved by the stepcoder sandbox")
-        return function(tool_id, *args)
+def _trace_new_thread(frame, event, arg):
+    """Marker handed to sys.settrace by threading for each new thread (Python < 3.12)."""
 
-    return guarded
+
+def _refuse_settrace(function):
+    if function is _trace_new_thread:
+        _trace_new_thread.install()  # the C tracer, on the thread that is starting
+        return
+    raise RuntimeError("sys.settrace is reserved by the stepcoder sandbox's line tracer")
+
+
+def _refuse_monitoring(*args, **kwargs):
+    raise ValueError("sys.monitoring is reserved by the stepcoder sandbox's line tracer")
 
 
 def _run_program(job: dict, test_input):

@@ -24,7 +24,6 @@ import shutil
 import signal
 import site
 import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -45,7 +44,6 @@ FLOAT_REL_TOL = 1e-6
 FLOAT_ABS_TOL = 1e-9       # so that 0.0 and 1e-12 compare equal
 WORKER_START_TIMEOUT = 60.0
 REPLY_SLACK = 10.0         # seconds a worker may take beyond a test's deadline before it is presumed dead
-_HEADER = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -146,6 +144,7 @@ class Sandbox:
         self._all: list[_WorkerProcess] = []
         self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self._all, self._root)
+        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stepcoder-sandbox")
         try:
             for _ in range(workers):
                 self._idle.put(self._spawn())
@@ -153,7 +152,6 @@ class Sandbox:
             self.close()
             raise
         self._layers = self._all[0].layers
-        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stepcoder-sandbox")
 
     def __enter__(self) -> Sandbox:
         return self
@@ -166,8 +164,7 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
-        if hasattr(self, "_threads"):
-            self._threads.shutdown(wait=True)
+        self._threads.shutdown(wait=True)
         self._finalizer()
 
     def capabilities(self) -> dict:
@@ -425,8 +422,8 @@ class _WorkerProcess:
         try:
             if message is not None:
                 body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-                self.sock.sendall(_HEADER.pack(len(body)) + body)
-            (size,) = _HEADER.unpack(self._receive(_HEADER.size))
+                self.sock.sendall(_worker.HEADER.pack(len(body)) + body)
+            (size,) = _worker.HEADER.unpack(self._receive(_worker.HEADER.size))
             reply = pickle.loads(self._receive(size))
         except (OSError, EOFError) as error:
             raise _WorkerLost(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__) from None

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from stepcoder._worker import canonical
-from stepcoder.sandbox import Sandbox, TestCase, values_equal
+from stepcoder.sandbox import VERDICTS, Sandbox, TestCase, values_equal
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
 
@@ -88,6 +88,7 @@ def test_runtime_error_timeout_memory_output_compile_violation(sandbox):
     }
     results = sandbox.run_many([(program, [TestCase("", "")]) for program in verdicts.values()])
     assert [r.verdict for r in results] == list(verdicts)
+    assert set(verdicts) | {"pass", "wrong_answer"} == set(VERDICTS)  # every verdict is covered
     assert results[0].detail.startswith("ZeroDivisionError")
     assert results[4].tests == [] and "SyntaxError" in results[4].detail
 

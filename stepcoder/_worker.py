@@ -160,6 +160,8 @@ def _run_program(job: dict, test_input):
     kind, entry = job["kind"], job["entry"]
     namespace = {"__name__": "__main__" if kind == "stdin" else "__solution__", "__builtins__": builtins}
     try:
+        if job["setup"] is not None:
+            exec(job["setup"], namespace)
         exec(job["code"], namespace)
         if kind == "stdin":
             if entry is not None:
@@ -195,6 +197,9 @@ def _lookup(namespace: dict, name: str):
 
 
 def _child_main(job: dict, test_input, sandbox_module) -> None:
+    # A home, a temp dir and a user name of its own: without them libraries ask NSS, which opens a socket.
+    here = os.getcwd()
+    os.environ.update(HOME=here, TMPDIR=here, USER="sandbox", LOGNAME="sandbox")
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)),
                                                  encoding="utf-8", errors="replace")
     stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False), 1 << 16), encoding="utf-8",
@@ -318,7 +323,8 @@ class Worker:
         last_line = max((line for c in codes for *_, line in c.co_lines() if line), default=0)
         import mmap
 
-        self.job = {"code": code, "codes": codes, "kind": message["kind"], "entry": message["entry"],
+        setup = compile(message["setup"], "<setup>", "exec", dont_inherit=True) if message["setup"] else None
+        self.job = {"code": code, "codes": codes, "setup": setup, "kind": message["kind"], "entry": message["entry"],
                     "trace": message["trace"], "bitmap": mmap.mmap(-1, last_line + 1)}
         self.limits = message["limits"]
         return {"ok": True}

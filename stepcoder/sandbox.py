@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -98,6 +98,7 @@ class _Job:
     tests: tuple[TestCase, ...]
     kind: str
     entry: str | None
+    setup: str
 
 
 class Sandbox:
@@ -174,16 +175,25 @@ class Sandbox:
     def worker_pids(self) -> list[int]:
         return [worker.pid for worker in self._all if worker.alive]
 
-    def run(self, program: str, tests: Sequence[TestCase], kind: str = "stdin", entry: str | None = None) -> Result:
-        """Judges one program against its tests."""
-        return self.run_many([(program, tests, kind, entry)])[0]
+    def run(self, program: str, tests: Sequence[TestCase], kind: str = "stdin", entry: str | None = None,
+            setup: str = "") -> Result:
+        """Judges one program against its tests.
+
+        `setup` is code run (untraced) in the program's namespace before it: the implicit imports of
+        LeetCode-style problems, say. It never shifts the program's line numbers.
+        """
+        return self.run_many([(program, tests, kind, entry, setup)])[0]
+
+    def submit(self, program: str, tests: Sequence[TestCase], kind: str = "stdin", entry: str | None = None,
+               setup: str = "") -> Future:
+        """Like ``run``, but returns at once with a Future of the Result (to judge while generating)."""
+        job = _check_job(0, (program, tests, kind, entry, setup))
+        return self._submit(job)
 
     def run_many(self, jobs: Iterable[tuple], progress: bool = False) -> list[Result]:
-        """Judges many ``(program, tests[, kind[, entry]])`` jobs in parallel; results in input order."""
-        if self._closed:
-            raise ValueError("this Sandbox is closed")
+        """Judges many ``(program, tests[, kind[, entry[, setup]]])`` jobs in parallel; results in order."""
         checked = [_check_job(index, job) for index, job in enumerate(jobs)]
-        futures = [self._threads.submit(self._judge_with_retry, job) for job in checked]
+        futures = [self._submit(job) for job in checked]
         if progress:
             from tqdm.auto import tqdm
 
@@ -192,6 +202,11 @@ class Sandbox:
         return [future.result() for future in futures]
 
     # ----------------------------------------------------------------------------------------------
+
+    def _submit(self, job: _Job) -> Future:
+        if self._closed:
+            raise ValueError("this Sandbox is closed")
+        return self._threads.submit(self._judge_with_retry, job)
 
     def _spawn(self) -> _WorkerProcess:
         with self._spawn_lock:
@@ -223,7 +238,7 @@ class Sandbox:
         deadline = self.timeout * stretch
         limits = dict(self._limits, timeout=deadline, cpu_seconds=math.ceil(deadline) + 1)
         loaded = worker.call({"op": "load", "program": job.program, "kind": job.kind, "entry": job.entry,
-                              "trace": self.trace, "limits": limits}, WORKER_START_TIMEOUT)
+                              "setup": job.setup, "trace": self.trace, "limits": limits}, WORKER_START_TIMEOUT)
         if "compile_error" in loaded:
             return Result("compile_error", detail=loaded["compile_error"])
         tests = []
@@ -299,11 +314,10 @@ def _lines(text: str) -> list[str]:
 
 def values_equal(actual, expected) -> bool:
     """Structural equality of two ``canonical`` encodings: floats within 1e-6 relative, tuples equal
-    lists (both encode as lists), bools only equal bools, dicts and sets regardless of order."""
-    if type(actual) is bool or type(expected) is bool:
-        return type(actual) is type(expected) and actual == expected
-    if type(actual) in (int, float) and type(expected) in (int, float):
-        if type(actual) is int and type(expected) is int:
+    lists (both encode as lists), bools equal 0 and 1 (as in Python, and as Codewars-style tests
+    expect), dicts and sets regardless of order."""
+    if type(actual) in (bool, int, float) and type(expected) in (bool, int, float):
+        if type(actual) is not float and type(expected) is not float:
             return actual == expected
         if math.isnan(actual) or math.isnan(expected):
             return math.isnan(actual) and math.isnan(expected)
@@ -358,9 +372,9 @@ def _require(condition: bool, message: str) -> None:
 
 def _check_job(index: int, job) -> _Job:
     where = f"job {index}"
-    _require(isinstance(job, (tuple, list)) and 2 <= len(job) <= 4,
-             f"{where}: expected (program, tests[, kind[, entry]]), got {type(job).__name__}")
-    program, tests, kind, entry = (*job, *("stdin", None)[len(job) - 2:])
+    _require(isinstance(job, (tuple, list)) and 2 <= len(job) <= 5,
+             f"{where}: expected (program, tests[, kind[, entry[, setup]]]), got {type(job).__name__}")
+    program, tests, kind, entry, setup = (*job, *("stdin", None, "")[len(job) - 2:])
     _require(isinstance(program, str), f"{where}: program must be a str, got {type(program).__name__}")
     _require(kind in KINDS, f"{where}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind in ("function", "method"):
@@ -369,6 +383,12 @@ def _check_job(index: int, job) -> _Job:
     else:
         _require(entry is None or (isinstance(entry, str) and entry.isidentifier()),
                  f"{where}: entry must be None or a function name, got {entry!r}")
+    _require(isinstance(setup, str), f"{where}: setup must be a str (code run before the program)")
+    if setup:
+        try:
+            compile(setup, "<setup>", "exec", dont_inherit=True)
+        except SyntaxError as error:
+            raise ValueError(f"{where}: the setup code does not compile: {error}") from None
     _require(isinstance(tests, (list, tuple)) and len(tests) > 0, f"{where}: tests must be a non-empty list")
     for number, test in enumerate(tests):
         at = f"{where}, test {number}"
@@ -385,7 +405,7 @@ def _check_job(index: int, job) -> _Job:
                 raise ValueError(f"{at}: the test code does not compile: {error}") from None
         else:
             _require(isinstance(test.input, (list, tuple)), f"{at}: input must be the argument list")
-    return _Job(program, tuple(tests), kind, entry)
+    return _Job(program, tuple(tests), kind, entry, setup)
 
 
 class _WorkerProcess:

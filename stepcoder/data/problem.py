@@ -1,0 +1,55 @@
+"""The one record every data source is loaded into."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stepcoder.completions import assemble_program
+from stepcoder.sandbox import TestCase
+
+SOURCES = ("apps_plus", "apps", "humaneval", "mbpp", "builtin")
+DIFFICULTIES = ("introductory", "interview", "competition")
+
+
+# LeetCode and Codewars judges run solutions with these names already imported (`List` in signatures).
+CALL_SETUP = """\
+from typing import *
+import bisect, collections, functools, heapq, itertools, math, re, string, sys
+from collections import Counter, OrderedDict, defaultdict, deque
+from functools import lru_cache, reduce
+from heapq import heapify, heappop, heappush
+from itertools import accumulate, combinations, permutations, product
+"""
+
+
+class DataError(ValueError):
+    """A data file or a problem in it is unusable; the message names the file and the problem."""
+
+
+@dataclass
+class Problem:
+    """A programming problem with its canonical solutions and unit tests.
+
+    ``starter_code`` is the code the model continues (a signature, a HumanEval prompt; "" when it
+    writes whole programs); ``solutions`` are complete programs; ``kind`` and ``entry`` say how the
+    sandbox calls them (see ``stepcoder.sandbox``).
+    """
+
+    id: str
+    question: str
+    starter_code: str
+    solutions: list[str]
+    tests: list[TestCase]
+    kind: str
+    entry: str | None
+    difficulty: str | None = None
+    source: str = "builtin"
+    setup: str = ""  # run before the program, untraced: implicit imports of LeetCode-style problems
+    metadata: dict = field(default_factory=dict)
+
+    def program(self, completion: str, prefix: str = "") -> str:
+        """The program judged for a completion generated after ``starter_code + prefix``."""
+        return assemble_program(self.starter_code + prefix, completion, self.entry)
+
+    def job(self, program: str) -> tuple:
+        """The sandbox job (``Sandbox.run_many``/``submit``) that judges `program` on this problem."""
+        return program, self.tests, self.kind, self.entry, self.setup

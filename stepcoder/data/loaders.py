@@ -98,10 +98,17 @@ def _literal(value, where: str):
     literals ('"abc"', "[1, 2]"); a string that is no literal is taken as itself."""
     if isinstance(value, str):
         try:
-            return ast.literal_eval(value)
+            return _quietly(ast.literal_eval, value)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             return value
     return value
+
+
+def _quietly(parse, text: str):
+    """Parses without the invalid-escape warnings that problem statements' backslashes raise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (SyntaxWarning, DeprecationWarning))
+        return parse(text)
 
 
 def _difficulty(value, where: str) -> str | None:
@@ -169,7 +176,7 @@ def load_apps_plus(path: str, skip_bad: bool = False) -> Loaded:
 def _docstring(prompt: str) -> str:
     """The statement inside an APPS+ prompt (``def f():\\n    \"\"\"...\"\"\"``), or the prompt itself."""
     try:
-        tree = ast.parse(prompt)
+        tree = _quietly(ast.parse, prompt)
     except SyntaxError:
         return prompt.strip()
     node = tree.body[0] if tree.body else None

@@ -1,0 +1,101 @@
+"""End to end: `python -m stepcoder.evaluate` on deliberately wrong completions of each failure kind,
+and on samples from a tiny model built offline."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from stepcoder import evaluate
+from stepcoder.data import load_builtin
+
+# Completions written after each function problem's starter code (`def entry(...):\n`).
+KINDS = {
+    "pass": None,  # the canonical body
+    "compile_error": "    return (\n",
+    "runtime_error": "    return 1 // 0\n",
+    "wrong_answer": "    return 'surely not this'\n",
+    "timeout": "    while True:\n        pass\n",
+}
+
+
+def _samples(tmp_path):
+    problems = [p for p in load_builtin().problems if p.kind == "function"][:5]
+    lines = []
+    for problem, (kind, body) in zip(problems, KINDS.items()):
+        if body is None:
+            body = "```python\n" + problem.solutions[0] + "```\n"  # a whole answer in a fence also works
+        lines.append({"task_id": problem.id, "completion": body})
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path, problems
+
+
+def test_samples_of_each_failure_kind_end_to_end(tmp_path):
+    path, problems = _samples(tmp_path)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"\d+ problems have no samples"):
+        summary = evaluate.main(["--samples", str(path), "--timeout", "0.5", "--workers", "2", "--output", str(out)])
+    assert summary["num_problems"] == 5 and summary["num_programs"] == 5
+    assert summary["pass@1"] == pytest.approx(0.2) and list(summary["pass@k"]) == ["1"]
+    assert {v: n for v, n in summary["outcomes"].items() if n} == {kind: 1 for kind in KINDS}
+    assert summary["failure_shares"]["compile_error"] == pytest.approx(0.25)
+    report = json.loads((out / "report.json").read_text())
+    assert report["pass@1"] == pytest.approx(0.2) and report["num_problems"] == 5
+    assert set(report["by_difficulty"]) <= {"introductory", "interview"}
+    verdicts = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
+    assert {(v["task_id"], v["verdict"]) for v in verdicts} == {(p.id, k) for p, k in zip(problems, KINDS)}
+    assert (out / "outcomes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_task_ids_and_bad_flags_are_errors(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"task_id": "nope/1", "completion": "x"}) + "\n")
+    with pytest.raises(SystemExit, match="match no loaded problem"):
+        evaluate.main(["--samples", str(path)])
+    for argv in (["--canonical", "--n", "0"], ["--canonical", "--data", "apps_plus"], ["--samples", "missing.jsonl"],
+                 []):
+        with pytest.raises(SystemExit):
+            evaluate.main(argv)
+
+
+def test_canonical_with_difficulty_and_limit_from_the_command_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "stepcoder.evaluate", "--canonical", "--difficulty", "interview",
+                           "--limit", "3", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["num_problems"] == 3 and report["pass@1"] == 1.0
+    assert list(report["by_difficulty"]) == ["interview"]
+
+
+def _tiny_model(directory):
+    """A 1-layer GPT-2 and a byte-level BPE tokenizer trained here: nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    texts = [p.question + "\n" + p.solutions[0] for p in load_builtin().problems]
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", "<pad>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(directory)
+    config = GPT2Config(vocab_size=len(fast), n_positions=1024, n_embd=32, n_layer=1, n_head=2,
+                        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+
+
+def test_model_samples_are_generated_and_judged(tmp_path):
+    pytest.importorskip("torch")
+    _tiny_model(tmp_path / "model")
+    summary = evaluate.main(["--model", str(tmp_path / "model"), "--n", "2", "--limit", "3", "--max_new_tokens", "12",
+                             "--temperature", "0.8", "--batch_size", "4", "--workers", "1",
+                             "--output", str(tmp_path / "out")])
+    assert summary["num_problems"] == 3 and summary["num_programs"] == 6
+    assert sum(summary["outcomes"].values()) == 6
+    assert list(summary["pass@k"]) == ["1"]
+    lines = (tmp_path / "out" / "verdicts.jsonl").read_text().splitlines()
+    assert len(lines) == 6

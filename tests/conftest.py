@@ -1,9 +1,14 @@
-"""Shared fixtures. Sandbox tests need the compiled extension (`pip install -e .`)."""
+"""Shared fixtures. Sandbox tests need the compiled extension (`pip install -e .`). Without a GPU the
+Triton kernels run under the interpreter, which must be switched on before triton is imported."""
 from __future__ import annotations
 
 import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from stepcoder.sandbox import Sandbox
 

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from stepcoder.kernels import reference
 from stepcoder.kernels.dispatch import use_triton
-from stepcoder.kernels.logprobs import NUM_WARPS, as_rows, block_for, check_labels, row_pointer, row_statistics
+from stepcoder.kernels.logprobs import (NUM_WARPS, block_for, for_reference, prepare, row_pointer, row_statistics,
+                                        strides)
 
 KL_MODES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
 
@@ -114,27 +115,29 @@ class PPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, old_logp, advantages, weights, valid, ref_logp, options):
-        view, rows, per_batch, stride_batch, stride_row = as_rows(logits)
+        view, rows = prepare(logits, labels)
         compute_grad = logits.requires_grad
         if compute_grad and options["inplace_backward"] and view is logits:
-            grad, grad_strides = view, (stride_batch, stride_row)
+            grad = view
             torch.autograd.graph.increment_version(logits)  # a backward that still needs them fails loudly
         else:
             grad = torch.empty(view.shape, dtype=view.dtype, device=view.device) if compute_grad else view
-            _, _, _, grad_batch, grad_row = as_rows(grad)
-            grad_strides = (grad_batch, grad_row)
-        per_token = [torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(6)]
+        per_token = [torch.empty(rows.count, dtype=torch.float32, device=logits.device) for _ in range(6)]
         kl_mode = KL_MODES[options["kl_estimator"]]
-        if rows:
-            _ppo_forward_kernel[(rows,)](
-                view, grad, labels, old_logp, advantages, weights, valid, ref_logp if kl_mode else old_logp,
-                *per_token, per_batch, stride_batch, stride_row, *grad_strides, view.shape[-1],
+        if rows.count:
+            _ppo_forward_kernel[(rows.count,)](
+                view, grad, labels.reshape(-1), old_logp, advantages, weights, valid,
+                ref_logp if kl_mode else old_logp, *per_token, rows.per_batch, *strides(view), *strides(grad),
+                view.shape[-1],
                 options["temperature"], options["clip_low"], options["clip_high"], options["dual_clip"] or 0.0,
                 options["entropy_coef"], options["kl_coef"], BLOCK_V=block_for(view.shape[-1]),
                 DUAL_CLIP=options["dual_clip"] is not None, KL_MODE=kl_mode, COMPUTE_GRAD=compute_grad,
                 num_warps=NUM_WARPS)
-        ctx.grad = grad if compute_grad else None
-        ctx.shape = logits.shape
+        if compute_grad and rows.extra_position:
+            grad[:, -1].zero_()
+        # A detached handle, released in backward: autograd may then take it as a leaf's .grad as is
+        # (for the in-place gradient, the logits' own memory) instead of copying it.
+        ctx.grad = grad.detach() if compute_grad else None
         logp, entropy, ratio, clipped, kl, weighted = per_token
         ctx.mark_non_differentiable(logp, entropy, ratio, clipped, kl)
         return weighted.sum(), logp, entropy, ratio, clipped, kl
@@ -144,7 +147,7 @@ class PPOLossFunction(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if grad_loss is not None and not (grad_loss.numel() == 1 and grad_loss.item() == 1.0):
             grad = grad.mul_(grad_loss.to(grad.dtype))
-        return grad.view(ctx.shape), None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def ppo_policy_loss(logits, labels, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
@@ -152,22 +155,23 @@ def ppo_policy_loss(logits, labels, old_logp, advantages, mask, *, clip_low=0.2,
                     aggregation="token-mean", normalizer=None, inplace_backward=True):
     """The clipped PPO policy loss from logits, masked by `mask` (the action mask x the FGO mask).
 
-    logits [B, T, V] or [N, V] (fp32/bf16/fp16, possibly strided); labels, old_logp, advantages
-    (per token, e.g. GAE), mask and ref_logp of the logits' shape without V. Returns (loss, stats)
+    logits [B, T, V] or [N, V] (fp32/bf16/fp16, possibly strided), or [B, T + 1, V] as a causal LM
+    returns them (the last position is dropped in place, and its gradient is 0); labels, old_logp,
+    advantages (per token, e.g. GAE), mask and ref_logp: one value per token row. Returns (loss, stats)
     with stats clipfrac, approx_kl, entropy, ratio (masked means; kl too when a KL term is on).
     `normalizer` replaces the aggregation's denominator (e.g. the global count of valid tokens).
     With ``inplace_backward`` (default) the gradient is written over the logits during forward —
     they must not be needed afterwards (a plain linear LM head's output is not); autograd raises
     if something still needs them. Formulas: ``stepcoder.kernels.reference.ppo_policy_loss``.
     """
-    check_labels(logits, labels)
+    prepare(logits, labels)
     _check_options(clip_low, clip_high, dual_clip, temperature, kl_estimator, aggregation)
     for name, value in (("old_logp", old_logp), ("advantages", advantages), ("mask", mask)):
         if value.shape != labels.shape:
             raise ValueError(f"{name} must have shape {tuple(labels.shape)}, got {tuple(value.shape)}")
     use_kl = ref_logp is not None and kl_coef != 0
     if not use_triton(logits):
-        return reference.ppo_policy_loss(logits, labels, old_logp, advantages, mask, clip_low=clip_low,
+        return reference.ppo_policy_loss(for_reference(logits, labels), labels, old_logp, advantages, mask, clip_low=clip_low,
                                          clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
                                          entropy_coef=entropy_coef, ref_logp=ref_logp if use_kl else None,
                                          kl_coef=kl_coef, kl_estimator=kl_estimator, aggregation=aggregation,
@@ -180,7 +184,7 @@ def ppo_policy_loss(logits, labels, old_logp, advantages, mask, *, clip_low=0.2,
                "kl_coef": float(kl_coef) if use_kl else 0.0, "kl_estimator": kl_estimator if use_kl else None,
                "inplace_backward": inplace_backward}
     loss, logp, entropy, ratio, clipped, kl = PPOLossFunction.apply(
-        logits, labels.reshape(-1), flat(old_logp), flat(advantages), weights, valid,
+        logits, labels, flat(old_logp), flat(advantages), weights, valid,
         flat(ref_logp) if use_kl else None, options)
     with torch.no_grad():
         count = valid.sum().clamp(min=1).float()

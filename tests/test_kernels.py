@@ -260,3 +260,26 @@ def test_bad_arguments_raise_clear_errors():
         kernels.ppo_policy_loss(logits, labels, ones, torch.ones(2), ones)
     with pytest.raises(ValueError, match="one \\[B, T\\] shape"):
         kernels.gae(torch.ones(3), torch.ones(3), torch.ones(3))
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_causal_lm_logits_with_one_extra_position_are_used_in_place(inplace):
+    """[B, T + 1, V] logits with [B, T] labels: position t predicts label t, the last position is
+    dropped without a copy, its gradient is 0, and in place the gradient reuses the logits' memory."""
+    full, labels, old, advantages, mask, _ = policy_inputs(torch.bfloat16)
+    leaf = full.clone().requires_grad_(True)
+    loss, _ = kernels.ppo_policy_loss(leaf, labels, old, advantages, mask, inplace_backward=inplace)
+    loss.backward()
+    exact = full.double().requires_grad_(True)
+    reference.ppo_policy_loss(exact[:, :-1], labels, old.double(), advantages.double(), mask)[0].backward()
+    assert relative_error(leaf.grad, exact.grad) < grad_tolerance(torch.bfloat16)
+    assert float(leaf.grad[:, -1].abs().max()) == 0.0
+    assert (leaf.grad.data_ptr() == leaf.data_ptr()) == inplace
+    logits = full.clone().requires_grad_(True)
+    logp, entropy = kernels.logprobs_from_logits(logits, labels, return_entropy=True)
+    (logp.sum() + entropy.sum()).backward()
+    exact.grad = None
+    ref_logp, ref_entropy = reference.logprobs_from_logits(exact[:, :-1], labels, return_entropy=True)
+    (ref_logp.sum() + ref_entropy.sum()).backward()
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), atol=1e-4, rtol=1e-5)
+    assert relative_error(logits.grad, exact.grad) < grad_tolerance(torch.bfloat16)

@@ -21,6 +21,18 @@ from stepcoder.kernels.logprobs import (NUM_WARPS, block_for, for_reference, pre
                                         strides)
 
 KL_MODES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
+L2_BUDGET = 32 << 20  # bytes of logits rows in flight at once, so each row's second pass hits L2
+
+
+def programs_for(logits: torch.Tensor, rows: int) -> int:
+    """How many persistent programs to launch: enough to fill every SM, few enough that the rows they
+    hold between their two passes fit in L2 (H100: 50 MB). Under the interpreter a handful, so the
+    row loop is exercised."""
+    if not logits.is_cuda:
+        return min(rows, 3)
+    sms = torch.cuda.get_device_properties(logits.device).multi_processor_count
+    row_bytes = logits.shape[-1] * logits.element_size()
+    return max(1, min(rows, max(sms, min(8 * sms, L2_BUDGET // row_bytes))))
 
 
 @triton.jit
@@ -31,82 +43,85 @@ def _maximum_with_gradient(a, da, b, db):
 
 @triton.jit
 def _ppo_forward_kernel(logits_ptr, grad_ptr, labels_ptr, old_ptr, advantages_ptr, weights_ptr, valid_ptr, ref_ptr,
-                        logp_ptr, entropy_ptr, ratio_ptr, clipped_ptr, kl_ptr, loss_ptr,
+                        logp_ptr, entropy_ptr, ratio_ptr, clipped_ptr, kl_ptr, loss_ptr, rows,
                         rows_per_batch, stride_batch, stride_row, grad_stride_batch, grad_stride_row, V,
                         temperature, clip_low, clip_high, dual_clip, entropy_coef, kl_coef,
                         BLOCK_V: tl.constexpr, DUAL_CLIP: tl.constexpr, KL_MODE: tl.constexpr,
                         COMPUTE_GRAD: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    columns = tl.arange(0, BLOCK_V)
-    grad_row = row_pointer(grad_ptr, row, rows_per_batch, grad_stride_batch, grad_stride_row)
-    if tl.load(valid_ptr + row) == 0:
-        if COMPUTE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                index = start + columns
-                tl.store(grad_row + index, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=index < V)
-        tl.store(logp_ptr + row, 0.0)
-        tl.store(entropy_ptr + row, 0.0)
-        tl.store(ratio_ptr + row, 0.0)
-        tl.store(clipped_ptr + row, 0.0)
-        tl.store(kl_ptr + row, 0.0)
-        tl.store(loss_ptr + row, 0.0)
-    else:
-        logits_row = row_pointer(logits_ptr, row, rows_per_batch, stride_batch, stride_row)
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        lse, expected_z, z_label = row_statistics(logits_row, label, V, temperature, BLOCK_V)
-        logp = z_label - lse
-        entropy = lse - expected_z
-        advantage = tl.load(advantages_ptr + row)
-        weight = tl.load(weights_ptr + row)
+    # Persistent: each program walks rows, so the rows in flight (whose second pass should hit L2) are
+    # as many as the programs launched.
+    for position in range(tl.program_id(0), rows, tl.num_programs(0)):
+        row = tl.cast(position, tl.int64)
+        columns = tl.arange(0, BLOCK_V)
+        grad_row = row_pointer(grad_ptr, row, rows_per_batch, grad_stride_batch, grad_stride_row)
+        if tl.load(valid_ptr + row) == 0:
+            if COMPUTE_GRAD:
+                for start in range(0, V, BLOCK_V):
+                    index = start + columns
+                    tl.store(grad_row + index, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=index < V)
+            tl.store(logp_ptr + row, 0.0)
+            tl.store(entropy_ptr + row, 0.0)
+            tl.store(ratio_ptr + row, 0.0)
+            tl.store(clipped_ptr + row, 0.0)
+            tl.store(kl_ptr + row, 0.0)
+            tl.store(loss_ptr + row, 0.0)
+        else:
+            logits_row = row_pointer(logits_ptr, row, rows_per_batch, stride_batch, stride_row)
+            label = tl.load(labels_ptr + row).to(tl.int64)
+            lse, expected_z, z_label = row_statistics(logits_row, label, V, temperature, BLOCK_V)
+            logp = z_label - lse
+            entropy = lse - expected_z
+            advantage = tl.load(advantages_ptr + row)
+            weight = tl.load(weights_ptr + row)
 
-        log_ratio = logp - tl.load(old_ptr + row)
-        ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
-        d_ratio = tl.where(tl.abs(log_ratio) > 20.0, 0.0, ratio)  # d ratio / d logp
-        unclipped = -advantage * ratio
-        clipped = -advantage * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-        in_range = (ratio >= 1.0 - clip_low) & (ratio <= 1.0 + clip_high)
-        loss, d_logp = _maximum_with_gradient(unclipped, -advantage * d_ratio, clipped,
-                                              tl.where(in_range, -advantage * d_ratio, 0.0))
-        if DUAL_CLIP:
-            cap = -advantage * dual_clip
-            capped = tl.where(cap < loss, 0.0, tl.where(cap == loss, 0.5 * d_logp, d_logp))
-            d_logp = tl.where(advantage < 0, capped, d_logp)
-            loss = tl.where(advantage < 0, tl.minimum(loss, cap), loss)
-        loss -= entropy_coef * entropy
-        kl = 0.0
-        if KL_MODE == 1:
-            kl = logp - tl.load(ref_ptr + row)
-            d_logp += kl_coef
-        if KL_MODE == 2:
-            difference = logp - tl.load(ref_ptr + row)
-            kl = 0.5 * difference * difference
-            d_logp += kl_coef * difference
-        if KL_MODE == 3:
-            reverse = tl.load(ref_ptr + row) - logp
-            clamped = tl.minimum(tl.maximum(reverse, -20.0), 20.0)
-            raw = tl.exp(clamped) - clamped - 1.0
-            kl = tl.minimum(tl.maximum(raw, -10.0), 10.0)
-            passes = (tl.abs(reverse) <= 20.0) & (tl.abs(raw) <= 10.0)
-            d_logp += kl_coef * tl.where(passes, 1.0 - tl.exp(clamped), 0.0)
-        loss += kl_coef * kl
+            log_ratio = logp - tl.load(old_ptr + row)
+            ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
+            d_ratio = tl.where(tl.abs(log_ratio) > 20.0, 0.0, ratio)  # d ratio / d logp
+            unclipped = -advantage * ratio
+            clipped = -advantage * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+            in_range = (ratio >= 1.0 - clip_low) & (ratio <= 1.0 + clip_high)
+            loss, d_logp = _maximum_with_gradient(unclipped, -advantage * d_ratio, clipped,
+                                                  tl.where(in_range, -advantage * d_ratio, 0.0))
+            if DUAL_CLIP:
+                cap = -advantage * dual_clip
+                capped = tl.where(cap < loss, 0.0, tl.where(cap == loss, 0.5 * d_logp, d_logp))
+                d_logp = tl.where(advantage < 0, capped, d_logp)
+                loss = tl.where(advantage < 0, tl.minimum(loss, cap), loss)
+            loss -= entropy_coef * entropy
+            kl = 0.0
+            if KL_MODE == 1:
+                kl = logp - tl.load(ref_ptr + row)
+                d_logp += kl_coef
+            if KL_MODE == 2:
+                difference = logp - tl.load(ref_ptr + row)
+                kl = 0.5 * difference * difference
+                d_logp += kl_coef * difference
+            if KL_MODE == 3:
+                reverse = tl.load(ref_ptr + row) - logp
+                clamped = tl.minimum(tl.maximum(reverse, -20.0), 20.0)
+                raw = tl.exp(clamped) - clamped - 1.0
+                kl = tl.minimum(tl.maximum(raw, -10.0), 10.0)
+                passes = (tl.abs(reverse) <= 20.0) & (tl.abs(raw) <= 10.0)
+                d_logp += kl_coef * tl.where(passes, 1.0 - tl.exp(clamped), 0.0)
+            loss += kl_coef * kl
 
-        tl.store(logp_ptr + row, logp)
-        tl.store(entropy_ptr + row, entropy)
-        tl.store(ratio_ptr + row, ratio)
-        tl.store(clipped_ptr + row, tl.where(clipped > unclipped, 1.0, 0.0))
-        tl.store(kl_ptr + row, kl)
-        tl.store(loss_ptr + row, weight * loss)
-        if COMPUTE_GRAD:
-            g_logp = weight * d_logp
-            g_entropy = -weight * entropy_coef
-            for start in range(0, V, BLOCK_V):
-                index = start + columns
-                inside = index < V
-                z = tl.load(logits_row + index, mask=inside, other=float("-inf")).to(tl.float32) / temperature
-                p = tl.exp(z - lse)
-                gradient = g_logp * (tl.where(index == label, 1.0, 0.0) - p)
-                gradient -= g_entropy * p * tl.where(p > 0, z - expected_z, 0.0)
-                tl.store(grad_row + index, (gradient / temperature).to(grad_ptr.dtype.element_ty), mask=inside)
+            tl.store(logp_ptr + row, logp)
+            tl.store(entropy_ptr + row, entropy)
+            tl.store(ratio_ptr + row, ratio)
+            tl.store(clipped_ptr + row, tl.where(clipped > unclipped, 1.0, 0.0))
+            tl.store(kl_ptr + row, kl)
+            tl.store(loss_ptr + row, weight * loss)
+            if COMPUTE_GRAD:
+                g_logp = weight * d_logp
+                g_entropy = -weight * entropy_coef
+                for start in range(0, V, BLOCK_V):
+                    index = start + columns
+                    inside = index < V
+                    z = tl.load(logits_row + index, mask=inside, other=float("-inf")).to(tl.float32) / temperature
+                    p = tl.exp(z - lse)
+                    gradient = g_logp * (tl.where(index == label, 1.0, 0.0) - p)
+                    gradient -= g_entropy * p * tl.where(p > 0, z - expected_z, 0.0)
+                    tl.store(grad_row + index, (gradient / temperature).to(grad_ptr.dtype.element_ty), mask=inside)
 
 
 class PPOLossFunction(torch.autograd.Function):
@@ -125,9 +140,10 @@ class PPOLossFunction(torch.autograd.Function):
         per_token = [torch.empty(rows.count, dtype=torch.float32, device=logits.device) for _ in range(6)]
         kl_mode = KL_MODES[options["kl_estimator"]]
         if rows.count:
-            _ppo_forward_kernel[(rows.count,)](
+            _ppo_forward_kernel[(programs_for(view, rows.count),)](
                 view, grad, labels.reshape(-1), old_logp, advantages, weights, valid,
-                ref_logp if kl_mode else old_logp, *per_token, rows.per_batch, *strides(view), *strides(grad),
+                ref_logp if kl_mode else old_logp, *per_token, rows.count, rows.per_batch, *strides(view),
+                *strides(grad),
                 view.shape[-1],
                 options["temperature"], options["clip_low"], options["clip_high"], options["dual_clip"] or 0.0,
                 options["entropy_coef"], options["kl_coef"], BLOCK_V=block_for(view.shape[-1]),

@@ -12,8 +12,8 @@ import re
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([A-Za-z0-9_+-]*)[ \t]*$", re.MULTILINE)
 
 
-def extract_code(completion: str) -> str:
-    """The code in a completion.
+def code_span(completion: str) -> tuple[int, int]:
+    """Where the code is in a completion, as (start, end) character offsets:
 
     - no fence: all of it (the completion continued the block the prompt opened);
     - the first fence closes that block (it is unlabeled and the fences are odd in number, as in
@@ -23,14 +23,20 @@ def extract_code(completion: str) -> str:
     """
     fences = list(_FENCE.finditer(completion))
     if not fences:
-        return completion
+        return 0, len(completion)
     first = fences[0]
     if first.group(1) == "" and len(fences) % 2 == 1:
-        return completion[: first.start()]
+        return 0, first.start()
     opening = next((f for f in fences if f.group(1).lower() in ("python", "py", "python3")), first)
     start = min(opening.end() + 1, len(completion))
     closing = next((f for f in fences if f.start() >= start), None)
-    return completion[start: closing.start() if closing else len(completion)]
+    return start, closing.start() if closing else len(completion)
+
+
+def extract_code(completion: str) -> str:
+    """The code in a completion (see ``code_span``)."""
+    start, end = code_span(completion)
+    return completion[start:end]
 
 
 def defines_entry(code: str, entry: str | None) -> bool:
@@ -43,6 +49,16 @@ def defines_entry(code: str, entry: str | None) -> bool:
         return re.search(rf"^(def\s+{re.escape(entry)}\s*\(|class\s+Solution\b)", code, re.MULTILINE) is not None
     names = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
     return entry in names or "Solution" in names
+
+
+def completion_shift(context: str, completion: str, entry: str | None = None) -> int | None:
+    """Where the completion sits in ``assemble_program``'s program: program index = completion index
+    + shift, for the characters of ``code_span(completion)``. None when the code restated the entry
+    point and stands on its own (the completion is then not a continuation of the context)."""
+    start, end = code_span(completion)
+    if context and defines_entry(completion[start:end], entry):
+        return None
+    return len(context) - start
 
 
 def assemble_program(context: str, completion: str, entry: str | None = None) -> str:

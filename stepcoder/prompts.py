@@ -1,7 +1,8 @@
 """Prompts: the problem (with its starter code) and a code prefix, in plain and chat-template modes.
 
-Every prompt ends inside an open ```python block holding ``starter_code + prefix``, so the model's
-completion continues that code, and ``Problem.program(completion, prefix)`` is the judged program.
+Every prompt ends inside an open ```python block holding ``Problem.context(prefix)`` (the CCCS
+prefix, or the starter code for full generation), so the model's completion continues that code, and
+``Problem.program(completion, prefix)`` is the judged program.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def uses_chat(tokenizer, chat: bool | None) -> bool:
 def build_prompt(problem: Problem, prefix: str = "", tokenizer=None, chat: bool | None = None) -> str:
     """The text the model continues. With `tokenizer` and a chat template (or chat=True), the
     instruction is a user turn and the assistant turn opens with the code block."""
-    code = problem.starter_code + prefix
+    code = problem.context(prefix)
     if uses_chat(tokenizer, chat):
         if tokenizer is None:
             raise ValueError("chat prompts need a tokenizer with a chat template")

@@ -33,11 +33,11 @@ def test_assemble_program_continues_or_restates():
 def test_prompt_ends_inside_a_code_block_with_starter_and_prefix():
     problem = Problem(id="t/1", question="Return the sign of n.", starter_code="def sign(n):\n",
                       solutions=["def sign(n):\n    return 0\n"], tests=[TestCase([1], 1)], kind="function", entry="sign")
-    prompt = build_prompt(problem, prefix="    if n > 0:\n")
+    prompt = build_prompt(problem, prefix="def sign(n):\n    if n > 0:\n")
     assert prompt.startswith("### Question:\nReturn the sign of n.")
     assert prompt.endswith("```python\ndef sign(n):\n    if n > 0:\n")
     assert "`sign`" in prompt
-    assert problem.program("        return 1\n    return -1\n```", "    if n > 0:\n") == \
+    assert problem.program("        return 1\n    return -1\n```", "def sign(n):\n    if n > 0:\n") == \
         "def sign(n):\n    if n > 0:\n        return 1\n    return -1\n"
 
 

@@ -46,9 +46,14 @@ class Problem:
     setup: str = ""  # run before the program, untraced: implicit imports of LeetCode-style problems
     metadata: dict = field(default_factory=dict)
 
+    def context(self, prefix: str = "") -> str:
+        """The code a prompt ends with, which the completion continues: a CCCS prefix (canonical
+        code from the top, so it holds the starter code) or, for full generation, the starter code."""
+        return prefix or self.starter_code
+
     def program(self, completion: str, prefix: str = "") -> str:
-        """The program judged for a completion generated after ``starter_code + prefix``."""
-        return assemble_program(self.starter_code + prefix, completion, self.entry)
+        """The program judged for a completion generated after ``context(prefix)``."""
+        return assemble_program(self.context(prefix), completion, self.entry)
 
     def job(self, program: str) -> tuple:
         """The sandbox job (``Sandbox.run_many``/``submit``) that judges `program` on this problem."""

@@ -1,0 +1,138 @@
+"""CCCS: split points, the prefix rule (on fixtures and on every APPS+ problem), the scheduler."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from stepcoder.cccs import Curriculum, prefixes, split_points
+
+APPS_PLUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "apps_plus" / "valid_all.json"
+
+SOURCE = textwrap.dedent("""\
+    import sys
+    def solve(n):
+        total = 0
+        for i in range(n):
+            if i % 2:
+                total += i
+            elif i % 3 == 0:
+                total -= 1
+            else:
+                total += 2 if i > 4 else 1
+        while total > 100:
+            total //= 2
+        if total < 0:
+            return 0
+        return total
+""")
+
+
+def test_split_points_are_if_and_elif_lines():
+    assert split_points(SOURCE) == [5, 7, 13]                  # the conditional expression is no statement
+    assert split_points(SOURCE, loops=True) == [4, 5, 7, 11, 13]
+    assert split_points("print(1)\n") == []
+
+
+def expected_prefixes(source: str, points: list[int]) -> list[str]:
+    """The issue's rule, written out independently of stepcoder.cccs."""
+    lines = source.splitlines(keepends=True)
+    count = len(points)
+    if count == 0:
+        return [""]
+    stages = math.ceil(math.sqrt(count))
+    stride = math.ceil(count / stages)
+    starts = [points[max(0, count - 1 - s * stride)] for s in range(stages)]
+    out = []
+    for start in starts:
+        text = "".join(lines[: start - 1])
+        if text and (not out or len(text) < len(out[-1])):
+            out.append(text)
+    return out + [""]
+
+
+def test_prefixes_follow_the_rule_on_fixtures():
+    assert prefixes(SOURCE) == ["".join(SOURCE.splitlines(keepends=True)[:12]),
+                                "".join(SOURCE.splitlines(keepends=True)[:4]), ""]
+    assert prefixes("print(1)\n") == [""]
+    assert prefixes("if x:\n    pass\n") == [""]  # a prefix that would be empty is full generation
+    rng = random.Random()
+    for count in range(1, 30):
+        body = "".join(f"    if x == {i}:\n        y = {i}\n" for i in range(count))
+        source = "def f(x):\n    y = 0\n" + body + "    return y\n"
+        result = prefixes(source)
+        assert result == expected_prefixes(source, split_points(source))
+        assert len(result) == math.ceil(math.sqrt(count)) + 1
+        assert all(len(a) > len(b) for a, b in zip(result, result[1:]))
+        assert source.startswith(result[rng.randrange(len(result))])
+
+
+@pytest.mark.skipif(not APPS_PLUS.exists(), reason="the team's APPS+ copy (../shared/data/apps_plus) is absent")
+def test_split_points_and_prefixes_on_every_apps_plus_problem():
+    problems = json.loads(APPS_PLUS.read_text())
+    assert len(problems) == 500
+    for index, problem in enumerate(problems):
+        source = problem["canonical_solution"]
+        scope = problem["scope"]
+        starts = sorted({start for kind, start, _ in scope if kind == "If Statement Body"})
+        assert split_points(source) == starts, index
+        assert prefixes(source) == expected_prefixes(source, starts), index
+
+
+def test_curriculum_advances_and_holds():
+    curriculum = Curriculum({"a": ["long", "short", ""], "b": ["x", ""]}, threshold=0.5, window=4)
+    assert curriculum.prefix("a") == "long" and curriculum.histogram() == {0: 2}
+    for passed in (True, False, False, False):  # 1 of 4 < 0.5: holds
+        assert not curriculum.record("a", passed)
+    assert curriculum.stage("a") == 0
+    advanced = [curriculum.record("a", passed) for passed in (True, True, False)]
+    assert advanced == [False, True, False]  # window [F, F, T, T]: 0.5 >= 0.5 advances; the window restarts
+    assert curriculum.prefix("a") == "short" and curriculum.stage("b") == 0
+    for _ in range(8):
+        curriculum.record("a", True)
+    assert curriculum.prefix("a") == "" and curriculum.finished("a")  # never past full generation
+    assert curriculum.histogram() == {0: 1, 2: 1} and curriculum.mean_stage() == 1.0
+
+
+def test_global_mode_moves_every_problem_together():
+    curriculum = Curriculum({"a": ["1", "2", ""], "b": ["x", ""]}, threshold=1.0, window=3, mode="global")
+    for problem in ("a", "b", "a"):
+        curriculum.record(problem, True)
+    assert (curriculum.stage("a"), curriculum.stage("b")) == (1, 1)
+    for problem in ("b", "b", "a"):
+        curriculum.record(problem, True)
+    assert (curriculum.stage("a"), curriculum.stage("b")) == (2, 1)  # b stays at its last stage
+
+
+@pytest.mark.parametrize("mode", ["per_problem", "global"])
+def test_curriculum_restores_exactly_from_its_serialized_state(mode):
+    rng = random.Random()
+    stage_lists = {f"p{i}": [f"prefix {j}" for j in range(rng.randint(0, 4))] + [""] for i in range(6)}
+    make = lambda: Curriculum(stage_lists, threshold=0.6, window=5, mode=mode)  # noqa: E731
+    continuous, restored = make(), None
+    events = [(f"p{rng.randrange(6)}", rng.random() < 0.7) for _ in range(400)]
+    for step, (problem, passed) in enumerate(events):
+        if step == 150:
+            restored = make()
+            restored.load_state_dict(json.loads(json.dumps(continuous.state_dict())))
+        advanced = continuous.record(problem, passed)
+        if restored is not None:
+            assert restored.record(problem, passed) == advanced
+            assert restored.state_dict() == continuous.state_dict()
+    assert restored.histogram() == continuous.histogram()
+    assert continuous.mean_stage() > 0  # the run did move
+
+
+def test_bad_curriculum_arguments():
+    with pytest.raises(ValueError, match="end with ''"):
+        Curriculum({"a": ["x"]})
+    with pytest.raises(ValueError, match="threshold"):
+        Curriculum({"a": [""]}, threshold=0)
+    with pytest.raises(ValueError, match="mode"):
+        Curriculum({"a": [""]}, mode="sometimes")
+    with pytest.raises(ValueError, match="window=5"):
+        Curriculum({"a": [""]}, window=4).load_state_dict(Curriculum({"a": [""]}, window=5).state_dict())

@@ -26,6 +26,7 @@ and one that restated the entry point instead of continuing the context get the 
 from __future__ import annotations
 
 import ast
+import warnings
 from bisect import bisect_right
 from types import CodeType
 from typing import Sequence
@@ -124,8 +125,10 @@ def line_verdicts(program: str, executed_lines: Sequence[int]) -> list[int] | No
     """RAN / NOT_RAN / NEUTRAL per 1-based line of `program` (index 0 unused), or None when the
     program does not compile."""
     try:
-        tree = ast.parse(program)
-        code = compile(tree, "<solution>", "exec", dont_inherit=True)
+        with warnings.catch_warnings():  # the program's own invalid escapes are its business
+            warnings.simplefilter("ignore", (SyntaxWarning, DeprecationWarning))
+            tree = ast.parse(program)
+            code = compile(tree, "<solution>", "exec", dont_inherit=True)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     line_count = program.count("\n") + 1

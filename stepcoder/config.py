@@ -1,0 +1,229 @@
+"""The trainer's configuration: one dataclass, flat command-line flags with TRL-like names, and an
+optional YAML file (``--config``) whose keys are the same names. Flags override the file; every value
+is checked before any work starts."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import get_type_hints
+
+from stepcoder.kernels.reference import KL_ESTIMATORS
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model_name_or_path: str | None = field(default=None, metadata={"help": "local transformers causal LM; none: "
+                                                                           "build the small default model"})
+    data: str = field(default="builtin", metadata={"help": "apps_plus:PATH, apps:DIR, humaneval, mbpp:PATH, builtin"})
+    difficulty: str | None = field(default=None, metadata={"help": "only problems of this difficulty"})
+    limit: int | None = field(default=None, metadata={"help": "only the first LIMIT problems"})
+    output_dir: str = field(default="stepcoder-output", metadata={"help": "metrics, samples, checkpoints"})
+    seed: int = 0
+    # warm-up (supervised pass over canonical solutions)
+    sft_steps: int = field(default=0, metadata={"help": "supervised steps on canonical solutions before PPO"})
+    sft_learning_rate: float = 1e-4
+    # rollouts
+    total_steps: int = 100
+    problems_per_step: int = 8
+    rollouts_per_prompt: int = 4
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generation_batch_size: int = 16
+    chat: str = field(default="auto", metadata={"help": "chat-template prompts: auto, on, off"})
+    # rewards (CodeRL / StepCoder scale), placed on the last generated token
+    reward_pass: float = 1.0
+    reward_wrong_answer: float = -0.3
+    reward_runtime_error: float = -0.6
+    reward_compile_error: float = -1.0
+    # PPO
+    learning_rate: float = 1e-5
+    critic_learning_rate: float = 5e-5
+    ppo_epochs: int = 2
+    num_mini_batches: int = 2
+    gradient_accumulation_steps: int = 1
+    cliprange: float = 0.2
+    cliprange_high: float | None = field(default=None, metadata={"help": "upper clip (default: cliprange)"})
+    cliprange_value: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.01
+    kl_estimator: str = "k1"
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_grad_norm: float = 1.0
+    share_trunk: bool = field(default=False, metadata={"help": "the critic's value head on the policy's trunk"})
+    # CCCS and FGO
+    no_cccs: bool = field(default=False, metadata={"help": "always full generation (ablation)"})
+    no_fgo: bool = field(default=False, metadata={"help": "policy loss on every generated token (ablation)"})
+    cccs_threshold: float = field(default=0.5, metadata={"help": "rho: pass rate that advances a problem"})
+    cccs_window: int = field(default=8, metadata={"help": "recent rollouts the pass rate is taken over"})
+    cccs_mode: str = "per_problem"
+    cccs_loops: bool = field(default=False, metadata={"help": "also split at for/while"})
+    # sandbox
+    sandbox_workers: int = 2
+    sandbox_timeout: float = 2.0
+    sandbox_memory_mb: int = 1024
+    # logging and checkpoints
+    report_to: str = field(default="none", metadata={"help": "none or tensorboard"})
+    sample_every: int = field(default=10, metadata={"help": "write sample completions every N steps"})
+    save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
+    save_total_limit: int = 2
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir, or 'latest'"})
+    stop_after_steps: int | None = field(default=None, metadata={"help": "exit after this many steps of this run "
+                                                                           "(e.g. to test resuming)"})
+    distributed: str = field(default="ddp", metadata={"help": "ddp or fsdp2 (under torchrun)"})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+
+
+# With no --model_name_or_path the trainer builds a small model from scratch (the embedded default run);
+# these values suit it and apply unless a flag or the config file sets them. Real models keep the
+# conservative defaults above (see README for APPS+ on GPUs).
+SMALL_MODEL_PRESET = {"sft_steps": 150, "sft_learning_rate": 2e-3, "learning_rate": 1e-4,
+                      "critic_learning_rate": 1e-3, "total_steps": 80, "max_new_tokens": 96,
+                      "cccs_threshold": 0.9, "sandbox_timeout": 0.5}
+
+CHOICES = {"kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
+           "report_to": ("none", "tensorboard"), "distributed": ("ddp", "fsdp2"),
+           "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None)}
+POSITIVE = ("total_steps", "problems_per_step", "rollouts_per_prompt", "max_new_tokens", "generation_batch_size",
+            "ppo_epochs", "num_mini_batches", "gradient_accumulation_steps", "cccs_window", "sandbox_workers",
+            "sandbox_memory_mb", "sample_every", "save_steps", "save_total_limit", "learning_rate",
+            "critic_learning_rate", "sft_learning_rate", "temperature", "sandbox_timeout", "max_grad_norm")
+NON_NEGATIVE = ("sft_steps", "cliprange", "cliprange_value", "kl_coef", "entropy_coef", "seed")
+
+
+class ConfigError(ValueError):
+    """A bad flag, file or value; raised before any work starts."""
+
+
+def _annotation(name: str) -> type:
+    hint = get_type_hints(TrainConfig)[name]
+    return next((t for t in getattr(hint, "__args__", (hint,)) if t is not type(None)), hint)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stepcoder.train",
+                                     description="PPO with CCCS and FGO for code LLMs (StepCoder). With no "
+                                                 "arguments: a small model on the built-in problems, on CPU.")
+    parser.add_argument("--config", metavar="FILE.yaml", help="options as a YAML mapping; flags override it")
+    for item in dataclasses.fields(TrainConfig):
+        kind = _annotation(item.name)
+        help_text = item.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(f"--{item.name}", action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(f"--{item.name}", type=str, default=None, metavar=kind.__name__.upper(),
+                                help=f"{help_text} (default: {item.default})".strip())
+    return parser
+
+
+def _convert(name: str, value, source: str):
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and name in _optional()):
+        return None
+    kind = _annotation(name)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source} {name}: expected {kind.__name__}, got {value!r}") from None
+
+
+def _optional() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig) if f.default is None}
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Flags (and --config) to a checked TrainConfig; raises ConfigError with the offending name."""
+    parser = build_parser()
+    try:
+        namespace = parser.parse_args(argv)
+    except SystemExit as exit_:
+        if exit_.code == 0:
+            raise
+        raise ConfigError("bad command line (see the message above)") from None
+    values: dict = {}
+    if namespace.config:
+        values.update(read_config_file(namespace.config))
+    for item in dataclasses.fields(TrainConfig):
+        flag = getattr(namespace, item.name)
+        if flag is not None:
+            values[item.name] = _convert(item.name, flag, "--")
+    if values.get("model_name_or_path") is None:
+        values = {**SMALL_MODEL_PRESET, **values}
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def read_config_file(path: str) -> dict:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    return {name: _convert(name, value, f"{path}:") for name, value in data.items()}
+
+
+def validate(config: TrainConfig) -> None:
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"{name}: {getattr(config, name)!r} is not one of "
+                              f"{', '.join(str(a) for a in allowed if a is not None)}")
+    for name in POSITIVE:
+        value = getattr(config, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{name}: must be positive, got {value}")
+    for name in NON_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {getattr(config, name)}")
+    if not 0 < config.top_p <= 1:
+        raise ConfigError(f"top_p: must be in (0, 1], got {config.top_p}")
+    if not 0 < config.cccs_threshold <= 1:
+        raise ConfigError(f"cccs_threshold: must be in (0, 1], got {config.cccs_threshold}")
+    if not 0 <= config.gamma <= 1 or not 0 <= config.lam <= 1:
+        raise ConfigError(f"gamma and lam must be in [0, 1], got {config.gamma}, {config.lam}")
+    if config.cliprange >= 1:
+        raise ConfigError(f"cliprange: must be < 1, got {config.cliprange}")
+    if config.dual_clip is not None and config.dual_clip <= 1:
+        raise ConfigError(f"dual_clip: must be > 1, got {config.dual_clip}")
+    if config.limit is not None and config.limit < 1:
+        raise ConfigError(f"limit: must be >= 1, got {config.limit}")
+    batch = config.problems_per_step * config.rollouts_per_prompt
+    if batch % config.num_mini_batches:
+        raise ConfigError(f"num_mini_batches: {config.num_mini_batches} must divide the rollouts per step "
+                          f"(problems_per_step x rollouts_per_prompt = {batch})")
+    if (batch // config.num_mini_batches) % config.gradient_accumulation_steps:
+        raise ConfigError(f"gradient_accumulation_steps: {config.gradient_accumulation_steps} must divide the "
+                          f"mini-batch of {batch // config.num_mini_batches} rollouts")
+    if config.model_name_or_path is not None and not Path(config.model_name_or_path).is_dir():
+        raise ConfigError(f"model_name_or_path: {config.model_name_or_path} is not a local directory "
+                          "(nothing is downloaded)")
+    if config.resume_from_checkpoint not in (None, "latest") and not Path(config.resume_from_checkpoint).is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {config.resume_from_checkpoint} is not a directory")
+
+
+def to_json(config: TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2)

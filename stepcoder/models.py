@@ -1,0 +1,116 @@
+"""The trainer's models: loading a local causal LM (or building the small default one offline), a pad
+token distinct from EOS, and the critic (a value head on a copy of the trunk, or on the policy's)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+
+
+def build_default_tokenizer(texts: list[str], vocab_size: int = 1024):
+    """A byte-level BPE trained on `texts` (the built-in problems): nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    model = Tokenizer(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    model.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=model, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                   padding_side="left")
+
+
+def build_default_model(tokenizer, seed: int):
+    """A 2-layer GPT-2 (128 wide) from a config, without dropout: small enough to train on 2 CPU cores."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=128, n_layer=2, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config)
+
+
+def load_model(path: str, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a local directory; the tokenizer left-pads and has a pad token of its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    ensure_pad_token(tokenizer, model)
+    return model, tokenizer
+
+
+def load_reference(path: str, tokenizer, dtype: torch.dtype | None = None):
+    """The frozen reference model, with embeddings matching the policy's tokenizer (its pad token)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def ensure_pad_token(tokenizer, model) -> None:
+    """Left padding, and a pad token distinct from EOS (pad = EOS would mask real EOS tokens and
+    teach the model never to stop); a new token grows the embeddings."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def without_dropout(model: nn.Module) -> nn.Module:
+    """PPO needs the sampler's and the learner's distributions to be the same function."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0 at each row's first real token, whatever the left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ValueModel(nn.Module):
+    """V(s) for every position: a linear head on a trunk's last hidden state, in fp32."""
+
+    def __init__(self, trunk: nn.Module, hidden_size: int):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids(attention_mask)).last_hidden_state
+        return self.head(hidden.float()).squeeze(-1)
+
+
+def make_critic(policy: nn.Module, share_trunk: bool) -> ValueModel:
+    trunk = policy.base_model if share_trunk else copy.deepcopy(policy.base_model)
+    return ValueModel(trunk, policy.config.hidden_size)
+
+
+def save_critic(critic: ValueModel, directory: Path, share_trunk: bool) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    if not share_trunk:
+        critic.trunk.save_pretrained(directory)
+    torch.save(critic.head.state_dict(), directory / "value_head.pt")
+
+
+def load_critic(critic: ValueModel, directory: Path, share_trunk: bool) -> None:
+    if not share_trunk:
+        critic.trunk.load_state_dict(type(critic.trunk).from_pretrained(directory).state_dict())
+    critic.head.load_state_dict(torch.load(directory / "value_head.pt", weights_only=True))

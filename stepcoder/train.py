@@ -1,0 +1,636 @@
+"""``python -m stepcoder.train``: PPO from unit-test feedback with CCCS and FGO (StepCoder).
+
+One step, top to bottom (CleanRL's PPO is the model):
+  1. rollouts: each problem's prompt (with its CCCS prefix) sampled `rollouts_per_prompt` times with the
+     KV cache; programs go to the sandbox as soon as their batch is generated;
+  2. rewards: the verdict's reward on the last generated token, minus kl_coef * KL(policy || reference)
+     on every generated token; FGO masks tokens on lines that never ran;
+  3. old log-probs, reference log-probs and values in one no-grad pass each; GAE; advantage whitening
+     over the tokens in the policy loss;
+  4. ppo_epochs x mini-batches x micro-batches: the clipped policy loss (action mask x FGO mask) and the
+     clipped value loss (action mask), each normalised by the global count of its tokens;
+  5. the curriculum advances problems whose recent pass rate reached rho; metrics, samples, checkpoints.
+
+With no arguments it builds a small GPT-2 and tokenizer offline, warms them up on the built-in
+problems' canonical solutions, and trains on the built-in problems on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stepcoder import kernels
+from stepcoder.cccs import Curriculum
+from stepcoder.config import ConfigError, TrainConfig, parse_config, to_json
+from stepcoder.data import DataError, Problem, load_problems
+from stepcoder.fgo import token_mask, token_offsets
+from stepcoder.kernels.reference import kl_penalty
+from stepcoder.models import (build_default_model, build_default_tokenizer, load_critic, load_model,
+                              load_reference, make_critic, save_critic, without_dropout)
+from stepcoder.prompts import build_prompt
+from stepcoder.sandbox import Sandbox
+
+STOP = "```"  # prompts end inside a ```python block: its closing fence ends the program
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed helpers (a single process is world size 1 and every helper is then a no-op).
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def all_gather(obj) -> list:
+    if world()[1] == 1:
+        return [obj]
+    gathered = [None] * world()[1]
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Sample:
+    problem: Problem
+    stage: int
+    prefix: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    completion: str
+    verdict: str = ""
+    executed_lines: list[int] = dataclasses.field(default_factory=list)
+    tests_ran: bool = False
+    fgo: list[int] = dataclasses.field(default_factory=list)
+
+
+def generate(policy, tokenizer, prompts: list[str], config: TrainConfig, device) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) per prompt: pure sampling (top_k 0), stopped by EOS or the fence."""
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    with torch.no_grad():
+        output = policy.generate(**encoded, do_sample=True, temperature=config.temperature, top_p=config.top_p,
+                                 top_k=0, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, stop_strings=[STOP], tokenizer=tokenizer)
+    width = encoded["input_ids"].shape[1]
+    pairs = []
+    for row, mask in zip(output, encoded["attention_mask"]):
+        prompt = row[:width][mask.bool()].tolist()
+        response = row[width:].tolist()
+        if tokenizer.pad_token_id in response:
+            response = response[: response.index(tokenizer.pad_token_id)]
+        pairs.append((prompt, response))
+    return pairs
+
+
+def reward_of(verdict: str, config: TrainConfig) -> float:
+    if verdict == "pass":
+        return config.reward_pass
+    if verdict == "wrong_answer":
+        return config.reward_wrong_answer
+    if verdict == "compile_error":
+        return config.reward_compile_error
+    return config.reward_runtime_error  # runtime error, timeout, memory, output limit, violation
+
+
+def collect_rollouts(policy, tokenizer, problems: list[Problem], curriculum: Curriculum | None, sandbox: Sandbox,
+                     config: TrainConfig, device, timings: dict) -> list[Sample]:
+    """Samples, each judged; a batch's programs are in the sandbox while the next batch generates."""
+    chat = {"auto": None, "on": True, "off": False}[config.chat]
+    work = []
+    for problem in problems:
+        prefix = curriculum.prefix(problem.id) if curriculum else ""
+        stage = curriculum.stage(problem.id) if curriculum else 0
+        prompt = build_prompt(problem, prefix, tokenizer, chat)
+        work += [(problem, stage, prefix, prompt)] * config.rollouts_per_prompt
+    samples, futures = [], []
+    start = time.perf_counter()
+    policy.eval()
+    for begin in range(0, len(work), config.generation_batch_size):
+        chunk = work[begin:begin + config.generation_batch_size]
+        for (problem, stage, prefix, _), (prompt_ids, response_ids) in zip(
+                chunk, generate(policy, tokenizer, [item[3] for item in chunk], config, device)):
+            completion = tokenizer.decode(response_ids, skip_special_tokens=True)
+            samples.append(Sample(problem, stage, prefix, prompt_ids, response_ids, completion))
+            futures.append(sandbox.submit(*problem.job(problem.program(completion, prefix))))
+    timings["time_generate_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for sample, future in zip(samples, futures):
+        result = future.result()
+        sample.verdict, sample.executed_lines, sample.tests_ran = result.verdict, result.executed_lines, bool(result.tests)
+    timings["time_sandbox_s"] = time.perf_counter() - start
+    for sample in samples:
+        sample.fgo = fgo_mask(sample, tokenizer) if not config.no_fgo else [1] * len(sample.response_ids)
+    return samples
+
+
+def fgo_mask(sample: Sample, tokenizer) -> list[int]:
+    """FGO mask over the response tokens; special tokens (EOS) carry no code and stay in the loss."""
+    special = set(tokenizer.all_special_ids)
+    code_ids = [i for i in sample.response_ids if i not in special]
+    offsets = token_offsets(tokenizer, code_ids)
+    mask = iter(token_mask(sample.problem.context(sample.prefix), sample.completion, offsets, sample.executed_lines,
+                           sample.problem.entry, sample.tests_ran))
+    return [1 if token in special else next(mask) for token in sample.response_ids]
+
+
+# --------------------------------------------------------------------------------------------------
+# Experience: padded tensors, rewards, advantages
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # [N, P + R]: left-padded prompts, right-padded responses
+    attention_mask: torch.Tensor
+    responses: torch.Tensor       # [N, R]
+    action_mask: torch.Tensor     # [N, R]: generated tokens (EOS included)
+    policy_mask: torch.Tensor     # action mask x FGO mask
+    scores: torch.Tensor          # [N]: the verdicts' rewards
+
+
+def pad_batch(samples: list[Sample], tokenizer, config: TrainConfig, device) -> Batch:
+    pad = tokenizer.pad_token_id
+    width = max(len(s.prompt_ids) for s in samples)
+    length = max(max(len(s.response_ids) for s in samples), 1)
+    ids = torch.full((len(samples), width + length), pad, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    action = torch.zeros(len(samples), length)
+    fgo = torch.zeros(len(samples), length)
+    for row, sample in enumerate(samples):
+        prompt, response = sample.prompt_ids, sample.response_ids
+        ids[row, width - len(prompt):width] = torch.tensor(prompt)
+        ids[row, width:width + len(response)] = torch.tensor(response, dtype=torch.long)
+        attention[row, width - len(prompt):width + len(response)] = 1
+        action[row, :len(response)] = 1
+        fgo[row, :len(response)] = torch.tensor(sample.fgo, dtype=torch.float)
+    scores = torch.tensor([reward_of(s.verdict, config) for s in samples])
+    return Batch(ids.to(device), attention.to(device), ids[:, width:].to(device), action.to(device),
+                 (action * fgo).to(device), scores.to(device))
+
+
+def response_logits(model, batch: Batch, rows) -> torch.Tensor:
+    """Logits at the positions that predict the response tokens plus one: [n, R + 1, V], computed only
+    there (`logits_to_keep`), handed to the kernels as a causal LM's output."""
+    width = batch.responses.shape[1]
+    attention = batch.attention_mask[rows]
+    return model(input_ids=batch.input_ids[rows], attention_mask=attention,
+                 position_ids=(attention.cumsum(-1) - 1).clamp(min=0), logits_to_keep=width + 1).logits
+
+
+def response_values(critic, batch: Batch, rows) -> torch.Tensor:
+    """V of the state before each response token: [n, R]."""
+    width = batch.responses.shape[1]
+    return critic(batch.input_ids[rows], batch.attention_mask[rows])[:, -width - 1:-1]
+
+
+@torch.no_grad()
+def score_rollouts(policy, reference, critic, batch: Batch, config: TrainConfig) -> dict:
+    """Old and reference log-probs, values, KL-shaped rewards, GAE, whitened advantages."""
+    rows = slice(None)
+    old_logp = kernels.logprobs_from_logits(response_logits(policy, batch, rows), batch.responses, config.temperature)
+    ref_logp = kernels.logprobs_from_logits(response_logits(reference, batch, rows), batch.responses,
+                                            config.temperature)
+    values = response_values(critic, batch, rows) * batch.action_mask
+    kl = kl_penalty(old_logp, ref_logp, config.kl_estimator) * batch.action_mask
+    rewards = -config.kl_coef * kl
+    last = (batch.action_mask.sum(-1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(last), device=last.device), last] += batch.scores  # on the last generated token
+    advantages, returns = kernels.gae(rewards, values, batch.action_mask, config.gamma, config.lam)
+    advantages = kernels.masked_whiten(advantages, batch.policy_mask)
+    return {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "returns": returns,
+            "advantages": advantages, "kl": kl, "rewards": rewards}
+
+
+def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, config: TrainConfig,
+               generator: torch.Generator) -> dict:
+    """ppo_epochs x mini-batches (one optimizer step each) x micro-batches (gradient accumulation)."""
+    policy.train()
+    critic.train()
+    _, world_size = world()
+    totals = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0,
+              "ratio": 0.0}
+    updates = 0
+    count = batch.responses.shape[0]
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(count, generator=generator).to(batch.responses.device)
+        for mini in order.chunk(config.num_mini_batches):
+            # Global token counts, so the loss is a token mean over the whole mini-batch on every rank.
+            policy_tokens = all_sum(batch.policy_mask[mini].sum().detach().clone()).clamp(min=1) / world_size
+            value_tokens = all_sum(batch.action_mask[mini].sum().detach().clone()).clamp(min=1) / world_size
+            micro_batches = mini.chunk(config.gradient_accumulation_steps)
+            for index, micro in enumerate(micro_batches):
+                last = index == len(micro_batches) - 1
+                with _no_sync(policy, last), _no_sync(critic, last):
+                    logits = response_logits(policy, batch, micro)
+                    loss, stats = kernels.ppo_policy_loss(
+                        logits, batch.responses[micro], experience["old_logp"][micro],
+                        experience["advantages"][micro], batch.policy_mask[micro], clip_low=config.cliprange,
+                        clip_high=config.cliprange_high or config.cliprange, dual_clip=config.dual_clip,
+                        temperature=config.temperature, entropy_coef=config.entropy_coef, normalizer=policy_tokens)
+                    loss.backward()
+                    values = response_values(critic, batch, micro)
+                    value_loss, _ = kernels.value_loss(values, experience["values"][micro],
+                                                       experience["returns"][micro], batch.action_mask[micro],
+                                                       clip=config.cliprange_value or None, normalizer=value_tokens)
+                    value_loss.backward()
+                share = len(micro) / len(mini)
+                totals["policy_loss"] += loss.item()
+                totals["value_loss"] += value_loss.item()
+                for name in ("clipfrac", "approx_kl", "entropy", "ratio"):
+                    totals[name] += float(stats[name]) * share
+            for model, optimizer in zip((policy, critic), optimizers):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            updates += 1
+    return {name: value / updates for name, value in totals.items()}
+
+
+def _no_sync(model, last: bool):
+    return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# Supervised warm-up of a fresh model
+
+
+def supervised_warmup(policy, tokenizer, problems: list[Problem], config: TrainConfig, device) -> float:
+    """Cross-entropy on each problem's canonical solution, continued from every CCCS prefix, so the
+    model has seen the prompts it will be given. Returns the last loss."""
+    from stepcoder.cccs import prefixes
+
+    chat = {"auto": None, "on": True, "off": False}[config.chat]
+    examples = []
+    for problem in problems:
+        if not problem.solutions:
+            continue
+        solution = problem.solutions[0]
+        for prefix in (prefixes(solution, config.cccs_loops) if not config.no_cccs else [""]):
+            context = problem.context(prefix)
+            target = solution[len(context):] if solution.startswith(context) else solution
+            prompt_ids = tokenizer(build_prompt(problem, prefix, tokenizer, chat))["input_ids"]
+            target_ids = tokenizer(target + STOP)["input_ids"] + [tokenizer.eos_token_id]
+            examples.append((prompt_ids, target_ids))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.sft_learning_rate)
+    generator = random.Random(config.seed)
+    policy.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(config.sft_steps):
+        chosen = [examples[generator.randrange(len(examples))] for _ in range(16)]
+        width = max(len(p) + len(t) for p, t in chosen)
+        ids = torch.full((len(chosen), width), tokenizer.pad_token_id)
+        labels = torch.full((len(chosen), width), -100)
+        attention = torch.zeros_like(ids)
+        for row, (prompt, target) in enumerate(chosen):
+            sequence = prompt + target
+            ids[row, width - len(sequence):] = torch.tensor(sequence)
+            labels[row, width - len(target):] = torch.tensor(target)
+            attention[row, width - len(sequence):] = 1
+        ids, labels, attention = ids.to(device), labels.to(device), attention.to(device)
+        loss = policy(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                      labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: everything a run needs to continue exactly, written atomically
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output: Path, step: int, policy, reference, critic, tokenizer, optimizers, schedulers,
+                    curriculum: Curriculum | None, trainer_state: dict, config: TrainConfig,
+                    save_reference: bool, generator: torch.Generator) -> Path:
+    rank, _ = world()
+    final = output / f"checkpoint-{step}"
+    staging = output / f".staging-checkpoint-{step}"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    torch.save({"rng": rng_state(), "generator": generator.get_state()}, staging / f"rng_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        _unwrap(policy).save_pretrained(staging / "policy")
+        tokenizer.save_pretrained(staging / "policy")
+        if save_reference:
+            reference.save_pretrained(staging / "reference")
+        save_critic(_unwrap(critic), staging / "critic", config.share_trunk)
+        torch.save({"optimizers": [o.state_dict() for o in optimizers],
+                    "schedulers": [s.state_dict() for s in schedulers]}, staging / "optimizers.pt")
+        (staging / "curriculum.json").write_text(json.dumps(curriculum.state_dict() if curriculum else None))
+        (staging / "trainer_state.json").write_text(json.dumps(dict(trainer_state, step=step), indent=2))
+        (staging / "config.json").write_text(to_json(config))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        kept = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in kept[:-config.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def find_checkpoint(config: TrainConfig) -> Path | None:
+    if config.resume_from_checkpoint is None:
+        return None
+    if config.resume_from_checkpoint != "latest":
+        return Path(config.resume_from_checkpoint)
+    found = sorted(Path(config.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    """metrics.jsonl (one object per step), samples.jsonl, TensorBoard when asked; rank 0 only."""
+
+    def __init__(self, config: TrainConfig, resumed: bool):
+        self.output = Path(config.output_dir)
+        self.enabled = world()[0] == 0
+        self.history: list[dict] = []
+        self.board = None
+        if not self.enabled:
+            return
+        metrics = self.output / "metrics.jsonl"
+        if resumed and metrics.exists():
+            self.history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        elif metrics.exists():
+            metrics.unlink()
+        if config.report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("warning: --report_to tensorboard, but tensorboard is not installed; logging to jsonl only",
+                      file=sys.stderr)
+            else:
+                self.board = SummaryWriter(str(self.output / "tensorboard"))
+
+    def step(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.history = [m for m in self.history if m["step"] < metrics["step"]] + [metrics]
+        with open(self.output / "metrics.jsonl", "w") as f:  # rewritten whole: a resumed run drops replayed steps
+            f.writelines(json.dumps(m) + "\n" for m in self.history)
+        if self.board is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.board.add_scalar(name, value, metrics["step"])
+
+    def samples(self, step: int, samples: list[Sample]) -> None:
+        if not self.enabled:
+            return
+        with open(self.output / "samples.jsonl", "a") as f:
+            for sample in samples:
+                f.write(json.dumps({"step": step, "task_id": sample.problem.id, "stage": sample.stage,
+                                    "prefix": sample.prefix, "completion": sample.completion,
+                                    "verdict": sample.verdict}) + "\n")
+
+
+def step_metrics(step: int, samples: list[Sample], batch: Batch, experience: dict, update: dict,
+                 curriculum: Curriculum | None, timings: dict) -> dict:
+    """Every number summed over ranks before it is averaged."""
+    outcomes: dict[str, int] = {}
+    for gathered in all_gather([s.verdict for s in samples]):
+        for verdict in gathered:
+            outcomes[verdict] = outcomes.get(verdict, 0) + 1
+    action = batch.action_mask
+    sums = all_sum(torch.stack([batch.scores.sum(), experience["kl"].sum(), action.sum(),
+                                (action - batch.policy_mask).sum(), action.new_tensor(float(len(samples)))]).double())
+    score, kl, tokens, masked, count = (float(value) for value in sums)
+    metrics = {"step": step, "reward_mean": score / count,
+               "pass_rate": outcomes.get("pass", 0) / max(sum(outcomes.values()), 1),
+               "kl": kl / max(tokens, 1.0), "response_length_mean": tokens / count,
+               "fgo_masked_frac": masked / max(tokens, 1.0), "outcomes": outcomes}
+    metrics.update({name: value for name, value in update.items()})
+    if curriculum is not None:
+        metrics["cccs_stage_mean"] = curriculum.mean_stage()
+        metrics["cccs_histogram"] = {str(k): v for k, v in curriculum.histogram().items()}
+    else:
+        metrics["cccs_stage_mean"] = 0.0
+    metrics.update({name: round(value, 4) for name, value in timings.items()})
+    return metrics
+
+
+def summarize(history: list[dict], wall_seconds: float) -> str:
+    quarter = max(len(history) // 4, 1)
+    first, last = history[:quarter], history[-quarter:]
+
+    def mean(rows, name):
+        return sum(r[name] for r in rows) / len(rows)
+
+    phases = {name: sum(r.get(name, 0.0) for r in history) for name in
+              ("time_generate_s", "time_sandbox_s", "time_forward_s", "time_update_s")}
+    dominant = max(phases, key=phases.get)
+    lines = [f"{len(history)} steps in {wall_seconds:.1f} s",
+             f"pass rate: first quarter {mean(first, 'pass_rate'):.3f} -> last quarter {mean(last, 'pass_rate'):.3f}",
+             f"reward:    first quarter {mean(first, 'reward_mean'):+.3f} -> last quarter {mean(last, 'reward_mean'):+.3f}",
+             "time per phase: " + ", ".join(f"{k[5:-2]} {v:.1f} s" for k, v in phases.items())
+             + f" (dominant: {dominant[5:-2]})"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def select_problems(config: TrainConfig) -> list[Problem]:
+    problems = load_problems(config.data).problems
+    problems = [p for p in problems if config.difficulty is None or p.difficulty == config.difficulty]
+    problems = problems[:config.limit] if config.limit else problems
+    if not problems:
+        raise DataError(f"no problems to train on in {config.data}")
+    return problems
+
+
+def problem_batch(problems: list[Problem], position: int, config: TrainConfig, seed: int) -> list[Problem]:
+    """This rank's problems for the step at `position` in an epoch-wise shuffled order (same on every rank)."""
+    rank, world_size = world()
+    chosen = []
+    for offset in range(config.problems_per_step * world_size):
+        index = position + offset
+        epoch, within = divmod(index, len(problems))
+        order = np.random.default_rng(seed + epoch).permutation(len(problems))
+        chosen.append(problems[order[within]])
+    return chosen[rank * config.problems_per_step:(rank + 1) * config.problems_per_step]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    try:
+        config = parse_config(argv)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo")
+    rank, world_size = world()
+    if world_size > 1 and config.share_trunk:
+        sys.exit("error: share_trunk: a shared trunk is for single-process runs (under torchrun the critic "
+                 "keeps its own trunk)")
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        print(to_json(config))
+        (output / "config.json").write_text(to_json(config))
+    try:
+        problems = select_problems(config)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    checkpoint = find_checkpoint(config)
+    started = time.perf_counter()
+
+    # Models: the policy, a frozen reference, and the critic.
+    fresh = config.model_name_or_path is None
+    if checkpoint is not None:
+        policy, tokenizer = load_model(str(checkpoint / "policy"))
+        reference_path = checkpoint / "reference" if (checkpoint / "reference").exists() else config.model_name_or_path
+        reference = load_reference(str(reference_path), tokenizer)
+    else:
+        if fresh:
+            tokenizer = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
+            policy = build_default_model(tokenizer, config.seed)
+        else:
+            policy, tokenizer = load_model(config.model_name_or_path)
+        without_dropout(policy).to(device)
+        if config.sft_steps:
+            loss = supervised_warmup(policy, tokenizer, problems, config, device)
+            if rank == 0:
+                print(f"supervised warm-up: {config.sft_steps} steps, final loss {loss:.3f}")
+        reference = copy.deepcopy(policy)
+    save_reference = fresh or config.sft_steps > 0
+    policy, reference = without_dropout(policy).to(device), without_dropout(reference).to(device).eval()
+    reference.requires_grad_(False)
+    critic = make_critic(policy, config.share_trunk).to(device)
+    if checkpoint is not None:
+        load_critic(critic, checkpoint / "critic", config.share_trunk)
+    policy_parameters = list(policy.parameters())
+    critic_parameters = list(critic.head.parameters()) if config.share_trunk else list(critic.parameters())
+    optimizers = [torch.optim.AdamW(policy_parameters, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0),
+                  torch.optim.AdamW(critic_parameters, lr=config.critic_learning_rate, betas=(0.9, 0.95),
+                                    weight_decay=0.0)]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / 10)) for o in optimizers]
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        train_policy = DistributedDataParallel(policy, device_ids=ids)
+        train_critic = DistributedDataParallel(critic, device_ids=ids) if not config.share_trunk else critic
+    else:
+        train_policy, train_critic = policy, critic
+
+    curriculum = None if config.no_cccs else Curriculum.from_solutions(
+        {p.id: (p.solutions[0] if p.solutions else "") for p in problems}, loops=config.cccs_loops,
+        threshold=config.cccs_threshold, window=config.cccs_window, mode=config.cccs_mode)
+    generator = torch.Generator().manual_seed(config.seed + rank)
+    trainer_state = {"step": 0, "position": 0}
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "optimizers.pt", weights_only=False)
+        for holder, saved in zip(optimizers + schedulers, state["optimizers"] + state["schedulers"]):
+            holder.load_state_dict(saved)
+        if curriculum is not None:
+            curriculum.load_state_dict(json.loads((checkpoint / "curriculum.json").read_text()))
+        trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+        saved_rng = torch.load(checkpoint / f"rng_rank{rank}.pt", weights_only=False)
+        set_rng_state(saved_rng["rng"])
+        generator.set_state(saved_rng["generator"])
+    logger = Logger(config, resumed=checkpoint is not None)
+
+    from tqdm.auto import tqdm
+
+    first_step = trainer_state["step"]
+    last_step = config.total_steps if config.stop_after_steps is None else min(
+        config.total_steps, first_step + config.stop_after_steps)
+    progress = tqdm(range(first_step, last_step), desc="ppo", unit="step", disable=rank != 0)
+    with Sandbox(workers=config.sandbox_workers, timeout=config.sandbox_timeout, memory_mb=config.sandbox_memory_mb,
+                 trace=not config.no_fgo) as sandbox:
+        for step in progress:
+            timings: dict[str, float] = {}
+            chosen = problem_batch(problems, trainer_state["position"], config, config.seed)
+            samples = collect_rollouts(policy, tokenizer, chosen, curriculum, sandbox, config, device, timings)
+            start = time.perf_counter()
+            batch = pad_batch(samples, tokenizer, config, device)
+            experience = score_rollouts(policy, reference, critic, batch, config)
+            timings["time_forward_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            update = ppo_update(train_policy, train_critic, optimizers, batch, experience, config, generator)
+            for scheduler in schedulers:
+                scheduler.step()
+            timings["time_update_s"] = time.perf_counter() - start
+            if curriculum is not None:
+                for gathered in all_gather([(s.problem.id, s.verdict == "pass") for s in samples]):
+                    for problem_id, passed in gathered:
+                        curriculum.record(problem_id, passed)
+            metrics = step_metrics(step + 1, samples, batch, experience, update, curriculum, timings)
+            logger.step(metrics)
+            if (step + 1) % config.sample_every == 0:
+                logger.samples(step + 1, samples)
+            progress.set_postfix(pass_rate=f"{metrics['pass_rate']:.2f}", reward=f"{metrics['reward_mean']:+.2f}",
+                                 stage=f"{metrics['cccs_stage_mean']:.2f}")
+            trainer_state = {"step": step + 1,
+                             "position": trainer_state["position"] + config.problems_per_step * world_size}
+            if (step + 1) % config.save_steps == 0 or step + 1 == last_step:
+                save_checkpoint(output, step + 1, train_policy, reference, train_critic, tokenizer, optimizers,
+                                schedulers, curriculum, trainer_state, config, save_reference, generator)
+    if rank == 0 and logger.history:
+        print(summarize(logger.history, time.perf_counter() - started))
+    return logger.history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The PPO trainer end to end on the CPU: one step, KL at the reference, left padding, reward placement,
+kill-and-resume, two processes over gloo, bad configurations, and a test-sized default run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepcoder import train
+from stepcoder.config import ConfigError, parse_config
+from stepcoder.data import load_builtin
+from stepcoder.models import build_default_model, build_default_tokenizer
+
+TINY = ["--limit", "8", "--problems_per_step", "4", "--rollouts_per_prompt", "2", "--max_new_tokens", "40",
+        "--sft_steps", "20", "--generation_batch_size", "8", "--num_mini_batches", "2", "--sandbox_workers", "1",
+        "--save_steps", "100", "--sample_every", "1"]
+REQUIRED = ("step", "reward_mean", "pass_rate", "kl", "entropy", "clipfrac", "value_loss", "cccs_stage_mean",
+            "fgo_masked_frac", "outcomes", "time_generate_s", "time_sandbox_s", "time_forward_s", "time_update_s")
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    """The trainer on the CPU uses the PyTorch references, as a user's CPU run does (the interpreter,
+    switched on for the kernel tests, would be far too slow here)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def run(tmp_path: Path, *extra: str, name: str = "run") -> list[dict]:
+    return train.main([*TINY, "--output_dir", str(tmp_path / name), *extra])
+
+
+def test_one_ppo_step_end_to_end(tmp_path):
+    history = run(tmp_path, "--total_steps", "1")
+    (metrics,) = history
+    assert set(REQUIRED) <= set(metrics)
+    assert metrics["step"] == 1 and sum(metrics["outcomes"].values()) == 8
+    assert metrics["kl"] == 0.0  # the first rollout comes from the policy, which still equals the reference
+    out = tmp_path / "run"
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    assert (out / "config.json").exists() and (out / "samples.jsonl").exists()
+    checkpoint = out / "checkpoint-1"
+    for part in ("policy/config.json", "reference/config.json", "critic/value_head.pt", "optimizers.pt",
+                 "curriculum.json", "trainer_state.json", "rng_rank0.pt"):
+        assert (checkpoint / part).exists(), part
+
+
+def _pair():
+    problems = load_builtin().problems
+    tokenizer = build_default_tokenizer([p.question + "\n" + p.solutions[0] for p in problems])
+    return build_default_model(tokenizer, seed=1).eval(), tokenizer
+
+
+def test_logprobs_with_and_without_left_padding_agree():
+    model, tokenizer = _pair()
+    short, long = "print(1)\n", "x = [i * i for i in range(10)]\nprint(sum(x))\n"
+    response = tokenizer(" if x > 0:\n    y = 1\n")["input_ids"]
+    samples = []
+    for prompt in (short, long):
+        samples.append(train.Sample(problem=None, stage=0, prefix="", prompt_ids=tokenizer(prompt)["input_ids"],
+                                    response_ids=response, completion="", fgo=[1] * len(response)))
+    config = parse_config(["--output_dir", "unused"])
+    alone = train.pad_batch(samples[:1], tokenizer, config, "cpu")
+    together = train.pad_batch(samples, tokenizer, config, "cpu")
+    assert together.attention_mask[0].sum() < together.attention_mask.shape[1]  # the short prompt is left-padded
+    from stepcoder import kernels
+
+    with torch.no_grad():
+        logp_alone = kernels.logprobs_from_logits(train.response_logits(model, alone, slice(None)), alone.responses)
+        logp_padded = kernels.logprobs_from_logits(train.response_logits(model, together, slice(None)),
+                                                   together.responses)
+    torch.testing.assert_close(logp_padded[0], logp_alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_reward_lands_on_the_last_generated_token_and_kl_is_zero_at_the_reference():
+    model, tokenizer = _pair()
+    problems = load_builtin().problems[:3]
+    samples = []
+    for length, verdict, problem in zip((3, 7, 1), ("pass", "wrong_answer", "compile_error"), problems):
+        samples.append(train.Sample(problem=problem, stage=0, prefix="", prompt_ids=tokenizer("q")["input_ids"],
+                                    response_ids=list(range(5, 5 + length)), completion="", verdict=verdict,
+                                    fgo=[1] * length))
+    config = parse_config(["--output_dir", "unused", "--kl_coef", "0.5"])
+    batch = train.pad_batch(samples, tokenizer, config, "cpu")
+    critic = __import__("stepcoder.models", fromlist=["make_critic"]).make_critic(model, share_trunk=False)
+    experience = train.score_rollouts(model, model, critic, batch, config)
+    assert float(experience["kl"].abs().max()) == 0.0
+    rewards = experience["rewards"]
+    expected = torch.zeros_like(rewards)
+    expected[0, 2], expected[1, 6], expected[2, 0] = 1.0, -0.3, -1.0
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_kill_and_resume_gives_the_same_next_step(tmp_path):
+    straight = run(tmp_path, "--total_steps", "3", name="straight")
+    run(tmp_path, "--total_steps", "3", "--stop_after_steps", "2", name="resumed")
+    resumed = run(tmp_path, "--total_steps", "3", "--resume_from_checkpoint", "latest", name="resumed")
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time_")}  # noqa: E731
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    assert strip(resumed[2]) == strip(straight[2])
+    assert strip(resumed[1]) == strip(straight[1])
+
+
+def test_two_processes_over_gloo(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29517", "-m", "stepcoder.train", *TINY, "--total_steps", "2", "--output_dir",
+                           str(tmp_path / "ddp")], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history] == [1, 2]
+    assert all(sum(m["outcomes"].values()) == 2 * 4 * 2 for m in history)  # both ranks' rollouts counted
+    assert (tmp_path / "ddp" / "checkpoint-2" / "rng_rank1.pt").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rate", "-1"], "learning_rate: must be positive"),
+    (["--learning_rate", "fast"], "expected float"),
+    (["--kl_estimator", "k9"], "kl_estimator"),
+    (["--num_mini_batches", "3"], "must divide the rollouts"),
+    (["--gradient_accumulation_steps", "3"], "must divide the mini-batch"),
+    (["--model_name_or_path", "/nonexistent/model"], "not a local directory"),
+    (["--resume_from_checkpoint", "/nonexistent/ckpt"], "not a directory"),
+    (["--top_p", "0"], "top_p"),
+    (["--cccs_threshold", "1.5"], "cccs_threshold"),
+    (["--dual_clip", "0.5"], "dual_clip"),
+    (["--config", "/nonexistent.yaml"], "no such file"),
+])
+def test_bad_configurations_fail_before_any_work(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(argv)
+    with pytest.raises(SystemExit, match=message.split(":")[0]):
+        train.main(argv)
+
+
+def test_config_file_values_and_errors(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("learning_rate: 3.0e-6\nkl_estimator: k3\nno_fgo: true\n")
+    config = parse_config(["--config", str(good), "--kl_estimator", "k1"])
+    assert (config.learning_rate, config.kl_estimator, config.no_fgo) == (3e-6, "k1", True)  # flags override
+    for text, message in (("learning_rat: 1\n", "unknown option"), ("a: [1\n", "not valid YAML"),
+                          ("- 1\n", "mapping"), ("total_steps: many\n", "expected int")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            parse_config(["--config", str(bad)])
+    with pytest.raises(ConfigError):
+        parse_config(["--no_such_flag", "1"])
+
+
+def test_default_run_test_sized_improves(tmp_path):
+    """The embedded default, shortened: pass rate and reward of the last quarter beat the first."""
+    history = train.main(["--output_dir", str(tmp_path / "default"), "--total_steps", "40"])
+    quarter = len(history) // 4
+    first, last = history[:quarter], history[-quarter:]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "pass_rate") > mean(first, "pass_rate")
+    assert mean(last, "reward_mean") > mean(first, "reward_mean")

@@ -77,7 +77,6 @@ class TrainConfig:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir, or 'latest'"})
     stop_after_steps: int | None = field(default=None, metadata={"help": "exit after this many steps of this run "
                                                                            "(e.g. to test resuming)"})
-    distributed: str = field(default="ddp", metadata={"help": "ddp or fsdp2 (under torchrun)"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
 
 
@@ -89,7 +88,7 @@ SMALL_MODEL_PRESET = {"sft_steps": 150, "sft_learning_rate": 2e-3, "learning_rat
                       "cccs_threshold": 0.9, "sandbox_timeout": 0.5}
 
 CHOICES = {"kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
-           "report_to": ("none", "tensorboard"), "distributed": ("ddp", "fsdp2"),
+           "report_to": ("none", "tensorboard"),
            "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None)}
 POSITIVE = ("total_steps", "problems_per_step", "rollouts_per_prompt", "max_new_tokens", "generation_batch_size",
             "ppo_epochs", "num_mini_batches", "gradient_accumulation_steps", "cccs_window", "sandbox_workers",

@@ -187,8 +187,9 @@ def ppo_policy_loss(logits, labels, old_logp, advantages, mask, *, clip_low=0.2,
             raise ValueError(f"{name} must have shape {tuple(labels.shape)}, got {tuple(value.shape)}")
     use_kl = ref_logp is not None and kl_coef != 0
     if not use_triton(logits):
-        return reference.ppo_policy_loss(for_reference(logits, labels), labels, old_logp, advantages, mask, clip_low=clip_low,
-                                         clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
+        return reference.ppo_policy_loss(for_reference(logits, labels), labels, old_logp, advantages, mask,
+                                         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                                         temperature=temperature,
                                          entropy_coef=entropy_coef, ref_logp=ref_logp if use_kl else None,
                                          kl_coef=kl_coef, kl_estimator=kl_estimator, aggregation=aggregation,
                                          normalizer=normalizer)

@@ -31,7 +31,8 @@ def _value_loss_kernel(values_ptr, old_ptr, returns_ptr, valid_ptr, loss_ptr, gr
         clipped_error = old + bounded - target
         clipped_loss = clipped_error * clipped_error
         clipped_grad = tl.where((step >= -clip) & (step <= clip), clipped_error, 0.0)
-        grad = tl.where(loss > clipped_loss, grad, tl.where(clipped_loss > loss, clipped_grad, 0.5 * (grad + clipped_grad)))
+        tie = 0.5 * (grad + clipped_grad)  # torch.maximum splits ties
+        grad = tl.where(loss > clipped_loss, grad, tl.where(clipped_loss > loss, clipped_grad, tie))
         more = tl.where(clipped_loss > loss, 1.0, 0.0)
         loss = tl.maximum(loss, clipped_loss)
     tl.store(loss_ptr + index, tl.where(kept, 0.5 * loss * scale, 0.0), mask=inside)

@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed problems instead of failing")
     what = parser.add_argument_group("what is judged (one of)").add_mutually_exclusive_group(required=True)
     what.add_argument("--canonical", action="store_true", help="the dataset's own solutions")
-    what.add_argument("--samples", metavar="FILE.jsonl", help='completions: lines of {"task_id": ..., "completion": ...}')
+    what.add_argument("--samples", metavar="FILE.jsonl",
+                      help='completions: lines of {"task_id": ..., "completion": ...}')
     what.add_argument("--model", metavar="PATH", help="a local transformers model that generates --n samples each")
     gen = parser.add_argument_group("generation (--model)")
     gen.add_argument("--n", type=int, default=1, help="samples per problem (with --canonical: solutions per problem)")
@@ -206,7 +207,8 @@ def report(scores: list[ProblemScore], skipped: list[str], args: argparse.Namesp
         by_difficulty[score.problem.difficulty or "unknown"].append(score)
     summary = summarize(scores)
     order = {name: index for index, name in enumerate(DIFFICULTIES)}
-    summary["by_difficulty"] = {d: summarize(by_difficulty[d]) for d in sorted(by_difficulty, key=lambda d: order.get(d, 9))}
+    ordered = sorted(by_difficulty, key=lambda d: order.get(d, len(order)))
+    summary["by_difficulty"] = {d: summarize(by_difficulty[d]) for d in ordered}
     summary["skipped_problems"] = len(skipped)
     summary["skipped"] = skipped
     summary["seconds"] = round(seconds, 2)

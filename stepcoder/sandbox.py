@@ -127,7 +127,8 @@ class Sandbox:
         _require(isinstance(memory_mb, int) and memory_mb >= 64, f"memory_mb must be an int >= 64, got {memory_mb!r}")
         _require(isinstance(output_bytes, int) and output_bytes >= 1024,
                  f"output_bytes must be an int >= 1024, got {output_bytes!r}")
-        _require(isinstance(open_files, int) and open_files >= 16, f"open_files must be an int >= 16, got {open_files!r}")
+        _require(isinstance(open_files, int) and open_files >= 16,
+                 f"open_files must be an int >= 16, got {open_files!r}")
         _require(isinstance(processes, int) and processes >= 1, f"processes must be a positive int, got {processes!r}")
         self.timeout = float(timeout)
         self.trace = trace
@@ -227,7 +228,8 @@ class Sandbox:
                 self._all.remove(worker)
                 self._idle.put(self._spawn())
                 if attempt == 1:
-                    return Result("runtime_error", detail=f"the sandbox worker died twice running this program ({lost})")
+                    return Result("runtime_error",
+                                  detail=f"the sandbox worker died twice running this program ({lost})")
                 continue
             self._idle.put(worker)
             return result
@@ -280,7 +282,8 @@ def _verdict(raw: dict, report: dict | None, kind: str, stdout: bytes, stderr: b
     if report is not None and report.get("status") == "memory":
         return "memory_limit", "MemoryError"
     if sig:
-        return "runtime_error", f"killed by {signal.Signals(sig).name}" if sig in signal.valid_signals() else f"signal {sig}"
+        name = signal.Signals(sig).name if sig in signal.valid_signals() else f"signal {sig}"
+        return "runtime_error", f"killed by {name}"
     if report is None:
         if kind == "stdin" and raw["exit_code"] == 0:
             return None, None  # os._exit(0): what it printed still has to be right

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -146,7 +145,8 @@ def collect_rollouts(policy, tokenizer, problems: list[Problem], curriculum: Cur
     start = time.perf_counter()
     for sample, future in zip(samples, futures):
         result = future.result()
-        sample.verdict, sample.executed_lines, sample.tests_ran = result.verdict, result.executed_lines, bool(result.tests)
+        sample.verdict, sample.executed_lines = result.verdict, result.executed_lines
+        sample.tests_ran = bool(result.tests)
     timings["time_sandbox_s"] = time.perf_counter() - start
     for sample in samples:
         sample.fgo = fgo_mask(sample, tokenizer) if not config.no_fgo else [1] * len(sample.response_ids)
@@ -475,7 +475,8 @@ def summarize(history: list[dict], wall_seconds: float) -> str:
     dominant = max(phases, key=phases.get)
     lines = [f"{len(history)} steps in {wall_seconds:.1f} s",
              f"pass rate: first quarter {mean(first, 'pass_rate'):.3f} -> last quarter {mean(last, 'pass_rate'):.3f}",
-             f"reward:    first quarter {mean(first, 'reward_mean'):+.3f} -> last quarter {mean(last, 'reward_mean'):+.3f}",
+             f"reward:    first quarter {mean(first, 'reward_mean'):+.3f} -> "
+             f"last quarter {mean(last, 'reward_mean'):+.3f}",
              "time per phase: " + ", ".join(f"{k[5:-2]} {v:.1f} s" for k, v in phases.items())
              + f" (dominant: {dominant[5:-2]})"]
     return "\n".join(lines)

@@ -145,7 +145,7 @@ def test_an_object_whose_eq_always_says_true_does_not_pass(guarded):
 
 def test_expected_output_cannot_be_read_from_its_own_memory(guarded):
     secret = f"secret-{uuid.uuid4().hex}"
-    program = textwrap.dedent(f"""
+    program = textwrap.dedent("""
         import gc, re
         prefix = 'secret-'
         found = set()
@@ -164,7 +164,7 @@ def test_expected_output_cannot_be_read_from_its_own_memory(guarded):
                         chunk = mem.read(end - start)
                     except (OSError, ValueError, OverflowError):
                         continue
-                    found.update(m.decode() for m in re.findall(rb'secret-[0-9a-f]{{32}}', chunk))
+                    found.update(m.decode() for m in re.findall(rb'secret-[0-9a-f]{32}', chunk))
         except PermissionError:
             pass
         found.discard(prefix + 'x' * 32)

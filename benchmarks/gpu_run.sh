@@ -11,6 +11,7 @@ import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
 PY
 unset TRITON_INTERPRET
-python -m pytest -q -x tests/test_kernels.py -p no:cacheprovider
-python -m pytest -q benchmarks/test_kernels_bench.py -p no:cacheprovider --benchmark-columns=median,iqr,rounds \
+python -m pytest -q -x tests/test_kernels.py tests/test_linear_logprobs.py -p no:cacheprovider
+python -m pytest -q benchmarks/test_kernels_bench.py benchmarks/test_linear_bench.py -p no:cacheprovider \
+    --benchmark-columns=median,iqr,rounds \
     ${OUT:+--benchmark-json="$OUT/kernels_bench.json"}

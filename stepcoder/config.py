@@ -58,6 +58,8 @@ class TrainConfig:
     lam: float = 0.95
     max_grad_norm: float = 1.0
     share_trunk: bool = field(default=False, metadata={"help": "the critic's value head on the policy's trunk"})
+    fused_lm_head: str = field(default="auto", metadata={"help": "auto: losses from hidden states when the LM "
+                                                                  "head is a plain linear map (no logits); off"})
     # CCCS and FGO
     no_cccs: bool = field(default=False, metadata={"help": "always full generation (ablation)"})
     no_fgo: bool = field(default=False, metadata={"help": "policy loss on every generated token (ablation)"})
@@ -88,7 +90,7 @@ SMALL_MODEL_PRESET = {"sft_steps": 150, "sft_learning_rate": 2e-3, "learning_rat
                       "cccs_threshold": 0.9, "sandbox_timeout": 0.5}
 
 CHOICES = {"kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
-           "report_to": ("none", "tensorboard"),
+           "report_to": ("none", "tensorboard"), "fused_lm_head": ("auto", "off"),
            "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None)}
 POSITIVE = ("total_steps", "problems_per_step", "rollouts_per_prompt", "max_new_tokens", "generation_batch_size",
             "ppo_epochs", "num_mini_batches", "gradient_accumulation_steps", "cccs_window", "sandbox_workers",

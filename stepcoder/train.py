@@ -206,6 +206,40 @@ def response_logits(model, batch: Batch, rows) -> torch.Tensor:
                  position_ids=(attention.cumsum(-1) - 1).clamp(min=0), logits_to_keep=width + 1).logits
 
 
+def response_hidden(model, batch: Batch, rows) -> torch.Tensor:
+    """The last hidden states at the positions that predict the response tokens: [n, R, H]. The model
+    runs through its own forward (so DDP sees it) with the LM head kept to one position."""
+    width = batch.responses.shape[1]
+    attention = batch.attention_mask[rows]
+    output = model(input_ids=batch.input_ids[rows], attention_mask=attention,
+                   position_ids=(attention.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1, output_hidden_states=True)
+    return output.hidden_states[-1][:, -width - 1:-1]
+
+
+def lm_head_weight(model, config: TrainConfig) -> torch.Tensor | None:
+    """The LM head's weight when the output layer is a plain linear map (no bias, no logit scaling or
+    softcapping): the losses then take hidden states and never materialize [tokens x vocab] logits."""
+    model = _unwrap(model)
+    head = model.get_output_embeddings()
+    settings = model.config
+    plain = (isinstance(head, torch.nn.Linear) and head.bias is None
+             and not getattr(settings, "final_logit_softcapping", None)
+             and getattr(settings, "logit_scale", None) in (None, 1, 1.0))
+    return head.weight if plain and config.fused_lm_head == "auto" else None
+
+
+def response_logprobs(model, batch: Batch, rows, config: TrainConfig) -> torch.Tensor:
+    """Per-token log-probs of the responses, from hidden states when the head allows it."""
+    weight = lm_head_weight(model, config)
+    if weight is None:
+        return kernels.logprobs_from_logits(response_logits(model, batch, rows), batch.responses[rows],
+                                            config.temperature)
+    hidden = response_hidden(model, batch, rows)
+    labels = batch.responses[rows]
+    return kernels.linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                   config.temperature).view(labels.shape)
+
+
 def response_values(critic, batch: Batch, rows) -> torch.Tensor:
     """V of the state before each response token: [n, R]."""
     width = batch.responses.shape[1]
@@ -216,9 +250,8 @@ def response_values(critic, batch: Batch, rows) -> torch.Tensor:
 def score_rollouts(policy, reference, critic, batch: Batch, config: TrainConfig) -> dict:
     """Old and reference log-probs, values, KL-shaped rewards, GAE, whitened advantages."""
     rows = slice(None)
-    old_logp = kernels.logprobs_from_logits(response_logits(policy, batch, rows), batch.responses, config.temperature)
-    ref_logp = kernels.logprobs_from_logits(response_logits(reference, batch, rows), batch.responses,
-                                            config.temperature)
+    old_logp = response_logprobs(policy, batch, rows, config)
+    ref_logp = response_logprobs(reference, batch, rows, config)
     values = response_values(critic, batch, rows) * batch.action_mask
     kl = kl_penalty(old_logp, ref_logp, config.kl_estimator) * batch.action_mask
     rewards = -config.kl_coef * kl
@@ -240,6 +273,7 @@ def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, confi
               "ratio": 0.0}
     updates = 0
     count = batch.responses.shape[0]
+    head = lm_head_weight(policy, config)
     for _ in range(config.ppo_epochs):
         order = torch.randperm(count, generator=generator).to(batch.responses.device)
         for mini in order.chunk(config.num_mini_batches):
@@ -250,12 +284,17 @@ def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, confi
             for index, micro in enumerate(micro_batches):
                 last = index == len(micro_batches) - 1
                 with _no_sync(policy, last), _no_sync(critic, last):
-                    logits = response_logits(policy, batch, micro)
-                    loss, stats = kernels.ppo_policy_loss(
-                        logits, batch.responses[micro], experience["old_logp"][micro],
-                        experience["advantages"][micro], batch.policy_mask[micro], clip_low=config.cliprange,
-                        clip_high=config.cliprange_high or config.cliprange, dual_clip=config.dual_clip,
-                        temperature=config.temperature, entropy_coef=config.entropy_coef, normalizer=policy_tokens)
+                    options = dict(clip_low=config.cliprange, clip_high=config.cliprange_high or config.cliprange,
+                                   dual_clip=config.dual_clip, temperature=config.temperature,
+                                   entropy_coef=config.entropy_coef, normalizer=policy_tokens)
+                    per_token = (batch.responses[micro], experience["old_logp"][micro],
+                                 experience["advantages"][micro], batch.policy_mask[micro])
+                    if head is not None:
+                        loss, stats = kernels.ppo_policy_loss_from_hidden(response_hidden(policy, batch, micro), head,
+                                                                          *per_token, **options)
+                    else:
+                        loss, stats = kernels.ppo_policy_loss(response_logits(policy, batch, micro), *per_token,
+                                                              **options)
                     loss.backward()
                     values = response_values(critic, batch, micro)
                     value_loss, _ = kernels.value_loss(values, experience["values"][micro],

@@ -161,3 +161,20 @@ def test_default_run_test_sized_improves(tmp_path):
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     assert mean(last, "pass_rate") > mean(first, "pass_rate")
     assert mean(last, "reward_mean") > mean(first, "reward_mean")
+
+
+def test_losses_from_hidden_states_match_the_logits_path():
+    """A plain linear LM head: log-probs from hidden states (no logits) equal those from the logits."""
+    model, tokenizer = _pair()
+    response = tokenizer(" if x > 0:\n    y = 1\n")["input_ids"]
+    samples = [train.Sample(problem=None, stage=0, prefix="", prompt_ids=tokenizer(p)["input_ids"],
+                            response_ids=response, completion="", fgo=[1] * len(response))
+               for p in ("print(1)\n", "x = 2\nprint(x)\n")]
+    fused = parse_config(["--output_dir", "unused"])
+    plain = parse_config(["--output_dir", "unused", "--fused_lm_head", "off"])
+    batch = train.pad_batch(samples, tokenizer, fused, "cpu")
+    assert train.lm_head_weight(model, fused) is not None and train.lm_head_weight(model, plain) is None
+    with torch.no_grad():
+        from_hidden = train.response_logprobs(model, batch, slice(None), fused)
+        from_logits = train.response_logprobs(model, batch, slice(None), plain)
+    torch.testing.assert_close(from_hidden, from_logits, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,155 @@
+"""Log-probabilities and entropy from hidden states and the LM head, without the [tokens x vocabulary]
+logits: a token-chunked launcher around the row kernels of ``logprobs.py``, and its autograd Function.
+
+Forward, per chunk of tokens: logits = hidden @ weight^T in fp32 (a GEMM with fp32 output), then the
+row kernel's online log-sum-exp with z = logits / T in fp32. Only the chunk's logits exist at a time;
+the chunk is sized by a memory budget. Backward recomputes each chunk's logits, turns them into
+d loss / d z in place (fp32, the label column included before any rounding), and accumulates
+d hidden = dZ @ weight and d weight += dZ^T @ hidden in fp32 (skipped for a frozen head). Forward is
+deterministic: the same rows in the same chunks give bit-identical log-probs. Masked rows are dropped
+before any of this (``ppo_policy_loss_from_hidden``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from stepcoder.kernels import reference
+from stepcoder.kernels.dispatch import use_triton
+from stepcoder.kernels.logprobs import NUM_WARPS, _backward_kernel, _forward_kernel, block_for
+from stepcoder.kernels.ppo_loss import _check_options
+
+CHUNK_BYTES = 256 << 20  # fp32 logits of one token chunk
+
+
+def chunk_tokens(vocab: int, budget: int = CHUNK_BYTES) -> int:
+    return max(1, budget // (vocab * 4))
+
+
+def _logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight^T with fp32 output (cuBLAS keeps bf16 inputs and accumulates in fp32)."""
+    if hidden.is_cuda and hidden.dtype != torch.float32:
+        try:
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        except TypeError:  # torch without mm(out_dtype=): the fp32 GEMM gives the same fp32 logits, slower
+            pass
+    return hidden.float() @ weight.float().t()
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, weight_grad):
+        ctx.set_materialize_grads(False)
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        logp, entropy, lse, expected_z = (torch.empty(rows, dtype=torch.float32, device=hidden.device)
+                                          for _ in range(4))
+        step = chunk_tokens(vocab)
+        block = block_for(vocab)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            logits = _logits_fp32(hidden[start:stop], weight)
+            _forward_kernel[(stop - start,)](logits, labels[start:stop], logp[start:stop], entropy[start:stop],
+                                             lse[start:stop], expected_z[start:stop], max(stop - start, 1), 0,
+                                             logits.stride(0), vocab, float(temperature), BLOCK_V=block,
+                                             num_warps=NUM_WARPS)
+        ctx.save_for_backward(hidden, weight, labels, lse, expected_z)
+        ctx.temperature, ctx.weight_grad = float(temperature), weight_grad
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, labels, lse, expected_z = ctx.saved_tensors
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        with_entropy = grad_entropy is not None
+        grad_logp = (grad_logp if grad_logp is not None else torch.zeros_like(lse)).float().contiguous()
+        grad_entropy = grad_entropy.float().contiguous() if with_entropy else grad_logp
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.weight_grad and weight.requires_grad else None
+        step, block = chunk_tokens(vocab), block_for(vocab)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            logits = _logits_fp32(hidden[start:stop], weight)
+            _backward_kernel[(stop - start, triton.cdiv(vocab, block))](
+                logits, labels[start:stop], lse[start:stop], expected_z[start:stop], grad_logp[start:stop],
+                grad_entropy[start:stop], logits, max(stop - start, 1), 0, logits.stride(0), 0, logits.stride(0),
+                vocab, ctx.temperature, BLOCK_V=block, WITH_ENTROPY=with_entropy, num_warps=8)
+            grad_z = logits  # now d loss / d logits, fp32, in place
+            grad_hidden[start:stop] = (grad_z @ weight.float()).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_z.t(), hidden[start:stop].float())
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _check(hidden, weight, labels, temperature) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:1] or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be {hidden.shape[0]} integers, got {tuple(labels.shape)} {labels.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
+def _reference(hidden, weight, labels, temperature, return_entropy):
+    logits = hidden.to(torch.promote_types(hidden.dtype, torch.float32)) @ \
+        weight.to(torch.promote_types(weight.dtype, torch.float32)).t()
+    return reference.logprobs_from_logits(logits, labels, temperature, return_entropy)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                    return_entropy: bool = False, weight_grad: bool = True):
+    """log softmax(hidden @ weight^T / T)[labels] (fp32 [N]) and, with return_entropy, the entropy,
+    without materializing the logits. hidden [N, H], weight [V, H] (the LM head), fp32/bf16/fp16.
+    weight_grad=False skips the weight gradient (a frozen LM head)."""
+    _check(hidden, weight, labels, temperature)
+    if not use_triton(hidden):
+        logp, entropy = _reference(hidden, weight if weight_grad else weight.detach(), labels, temperature, True)
+    else:
+        logp, entropy = LinearLogprobsFunction.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(),
+                                                     temperature, weight_grad)
+    return (logp, entropy) if return_entropy else logp
+
+
+def ppo_policy_loss_from_hidden(hidden, weight, labels, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2,
+                                dual_clip=None, temperature=1.0, entropy_coef=0.0, ref_logp=None, kl_coef=0.0,
+                                kl_estimator="k3", aggregation="token-mean", normalizer=None, weight_grad=True):
+    """``ppo_policy_loss`` from the last hidden states and the LM head weight: the same options and
+    stats, the logits never materialized. hidden [B, T, H] or [N, H]; labels and the per-token tensors
+    [B, T] or [N]. Only the rows of `mask` are computed at all."""
+    _check_options(clip_low, clip_high, dual_clip, temperature, kl_estimator, aggregation)
+    shape = labels.shape
+    for name, value in (("old_logp", old_logp), ("advantages", advantages), ("mask", mask)):
+        if value.shape != shape:
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    valid = mask.reshape(-1) > 0
+    rows = valid.nonzero().squeeze(-1)
+    weights = reference.aggregation_weights(mask, aggregation, normalizer).reshape(-1)[rows]
+    logp, entropy = linear_logprobs(flat_hidden.index_select(0, rows), weight, labels.reshape(-1)[rows], temperature,
+                                    return_entropy=True, weight_grad=weight_grad)
+    old = old_logp.reshape(-1)[rows].float()
+    advantage = advantages.reshape(-1)[rows].float()
+    log_ratio = (logp - old).clamp(-reference.RATIO_CLAMP, reference.RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantage * ratio
+    clipped = -advantage * ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        per_token = torch.where(advantage < 0, torch.minimum(per_token, -advantage * dual_clip), per_token)
+    per_token = per_token - entropy_coef * entropy
+    kl = None
+    if ref_logp is not None and kl_coef:
+        kl = reference.kl_penalty(logp, ref_logp.reshape(-1)[rows].float(), kl_estimator)
+        per_token = per_token + kl_coef * kl
+    loss = (per_token * weights.to(per_token.dtype)).sum()
+    with torch.no_grad():
+        count = max(len(rows), 1)
+        stats = {"clipfrac": (clipped > unclipped).float().sum() / count,
+                 "approx_kl": ((ratio - 1) - log_ratio).sum() / count,
+                 "entropy": entropy.sum() / count, "ratio": ratio.sum() / count}
+        if kl is not None:
+            stats["kl"] = kl.sum() / count
+    return loss, stats

@@ -3,11 +3,12 @@ logits: a token-chunked launcher around the row kernels of ``logprobs.py``, and 
 
 Forward, per chunk of tokens: logits = hidden @ weight^T in fp32 (a GEMM with fp32 output), then the
 row kernel's online log-sum-exp with z = logits / T in fp32. Only the chunk's logits exist at a time;
-the chunk is sized by a memory budget. Backward recomputes each chunk's logits, turns them into
-d loss / d z in place (fp32, the label column included before any rounding), and accumulates
-d hidden = dZ @ weight and d weight += dZ^T @ hidden in fp32 (skipped for a frozen head). Forward is
-deterministic: the same rows in the same chunks give bit-identical log-probs. Masked rows are dropped
-before any of this (``ppo_policy_loss_from_hidden``).
+the chunk is sized by a memory budget. Backward goes over vocabulary slabs: it recomputes the slab's
+logits for all tokens, turns them into d loss / d z in place (fp32, the label column included before
+any rounding), writes d weight for the slab from one GEMM over all tokens (fp32 accumulation inside;
+skipped for a frozen head) and accumulates d hidden in fp32. Forward is deterministic: the same rows in
+the same chunks give bit-identical log-probs. Masked rows are dropped before any of this
+(``ppo_policy_loss_from_hidden``).
 """
 from __future__ import annotations
 
@@ -19,21 +20,22 @@ from stepcoder.kernels.dispatch import use_triton
 from stepcoder.kernels.logprobs import NUM_WARPS, _backward_kernel, _forward_kernel, block_for
 from stepcoder.kernels.ppo_loss import _check_options
 
-CHUNK_BYTES = 256 << 20  # fp32 logits of one token chunk
+CHUNK_BYTES = 128 << 20  # fp32 logits of one token chunk (forward)
+SLAB_BYTES = 128 << 20   # fp32 logits of one vocabulary slab for all tokens (backward)
 
 
 def chunk_tokens(vocab: int, budget: int = CHUNK_BYTES) -> int:
     return max(1, budget // (vocab * 4))
 
 
-def _logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """hidden @ weight^T with fp32 output (cuBLAS keeps bf16 inputs and accumulates in fp32)."""
-    if hidden.is_cuda and hidden.dtype != torch.float32:
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output: on CUDA the GEMM keeps bf16/fp16 inputs and accumulates in fp32."""
+    if a.is_cuda and a.dtype != torch.float32 and a.dtype == b.dtype:
         try:
-            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-        except TypeError:  # torch without mm(out_dtype=): the fp32 GEMM gives the same fp32 logits, slower
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # torch without mm(out_dtype=): an fp32 GEMM gives the same result, slower
             pass
-    return hidden.float() @ weight.float().t()
+    return a.float() @ b.float()
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -47,7 +49,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         block = block_for(vocab)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            logits = _logits_fp32(hidden[start:stop], weight)
+            logits = _mm(hidden[start:stop], weight.t())
             _forward_kernel[(stop - start,)](logits, labels[start:stop], logp[start:stop], entropy[start:stop],
                                              lse[start:stop], expected_z[start:stop], max(stop - start, 1), 0,
                                              logits.stride(0), vocab, float(temperature), BLOCK_V=block,
@@ -58,29 +60,32 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
+        """Vocabulary-slab-major: each slab's logits are recomputed for all tokens and turned into dZ in
+        place; d weight for the slab is one GEMM over every token (fp32 accumulation inside it, written
+        once), and d hidden accumulates over slabs in fp32. No V x H fp32 buffer is ever held."""
         hidden, weight, labels, lse, expected_z = ctx.saved_tensors
         rows, vocab = hidden.shape[0], weight.shape[0]
         with_entropy = grad_entropy is not None
         grad_logp = (grad_logp if grad_logp is not None else torch.zeros_like(lse)).float().contiguous()
         grad_entropy = grad_entropy.float().contiguous() if with_entropy else grad_logp
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.weight_grad and weight.requires_grad else None
-        step, block = chunk_tokens(vocab), block_for(vocab)
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
-            logits = _logits_fp32(hidden[start:stop], weight)
-            _backward_kernel[(stop - start, triton.cdiv(vocab, block))](
-                logits, labels[start:stop], lse[start:stop], expected_z[start:stop], grad_logp[start:stop],
-                grad_entropy[start:stop], logits, max(stop - start, 1), 0, logits.stride(0), 0, logits.stride(0),
-                vocab, ctx.temperature, BLOCK_V=block, WITH_ENTROPY=with_entropy, num_warps=8)
-            grad_z = logits  # now d loss / d logits, fp32, in place
-            grad_hidden[start:stop] = (grad_z @ weight.float()).to(hidden.dtype)
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.empty_like(weight) if ctx.weight_grad and weight.requires_grad else None
+        slab = max(1, SLAB_BYTES // (max(rows, 1) * 4))
+        for start in range(0, vocab, slab):
+            stop = min(vocab, start + slab)
+            width, part = stop - start, weight[start:stop]
+            grad_z = _mm(hidden, part.t())  # the slab's logits, fp32, for every token
+            block = block_for(width)
+            if rows:
+                _backward_kernel[(rows, triton.cdiv(width, block))](
+                    grad_z, labels - start, lse, expected_z, grad_logp, grad_entropy, grad_z, rows, 0,
+                    grad_z.stride(0), 0, grad_z.stride(0), width, ctx.temperature, BLOCK_V=block,
+                    WITH_ENTROPY=with_entropy, num_warps=8)
+            grad_z = grad_z.to(hidden.dtype) if hidden.is_cuda else grad_z  # GEMM inputs in the model's dtype
+            grad_hidden += _mm(grad_z, part)
             if grad_weight is not None:
-                grad_weight.addmm_(grad_z.t(), hidden[start:stop].float())
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+                grad_weight[start:stop] = _mm(grad_z.t(), hidden).to(weight.dtype)
+        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None
 
 
 def _check(hidden, weight, labels, temperature) -> None:

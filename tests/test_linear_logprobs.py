@@ -37,7 +37,8 @@ def inputs(rows, hidden_size, vocab, dtype):
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("vocab, temperature", [(301, 1.0), (1000, 0.7)])
 def test_values_entropy_and_both_gradients_match_float64(monkeypatch, dtype, tolerance, vocab, temperature):
-    monkeypatch.setattr(linear_module, "CHUNK_BYTES", vocab * 4 * 3)  # chunks of 3 tokens: several chunks
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", vocab * 4 * 3)  # forward: chunks of 3 tokens
+    monkeypatch.setattr(linear_module, "SLAB_BYTES", 7 * 4 * 100)     # backward: slabs of 100 columns
     hidden, weight, labels = inputs(7, 32, vocab, dtype)
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logp, entropy = kernels.linear_logprobs(h, w, labels, temperature, return_entropy=True)

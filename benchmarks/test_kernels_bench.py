@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import measure_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need CUDA")
 
 BATCH, STEPS = 8, 1024
 VOCABS = [32256, 151936]
-peaks: dict[str, float] = {}
 
 
 def eager_ppo(logits, labels, old, advantages, mask, eps=0.2):
@@ -72,29 +72,13 @@ def run_liger(logits, labels, old, sequence_advantage, _, mask):
 IMPLEMENTATIONS = {"stepcoder": run_stepcoder, "eager": run_eager, "torch.compile": run_compiled, "liger": run_liger}
 
 
-def measure(benchmark, function, args, key):
-    for _ in range(3):
-        function(*args)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-
-    def timed():
-        function(*args)
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=10, warmup_rounds=1)
-    peaks[key] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    benchmark.extra_info["peak_extra_mib"] = round(peaks[key], 1)
-
-
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
 def test_ppo_loss_forward_backward(benchmark, name, vocab):
     if name == "liger":
         pytest.importorskip("liger_kernel")
     args = inputs(vocab)
-    measure(benchmark, IMPLEMENTATIONS[name], args, f"{name}-{vocab}")
+    measure_cuda(benchmark, IMPLEMENTATIONS[name], args)
     benchmark.group = f"ppo loss fwd+bwd N={BATCH * STEPS} V={vocab} bf16"
 
 

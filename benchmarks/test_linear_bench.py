@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import measure_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need CUDA")
 
@@ -62,19 +63,7 @@ def test_lm_head_logprob_forward_backward(benchmark, name, vocab):
     if name in PEERS:
         pytest.importorskip(PEERS[name])
     args = inputs(vocab)
-    function = IMPLEMENTATIONS[name]
-    for _ in range(2):
-        function(*args)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-
-    def timed():
-        function(*args)
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=5, warmup_rounds=1)
-    benchmark.extra_info["peak_extra_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    measure_cuda(benchmark, IMPLEMENTATIONS[name], args, rounds=5, warmup=2)
     benchmark.group = f"lm head + logprob fwd+bwd N={TOKENS} H={HIDDEN} V={vocab} bf16"
 
 

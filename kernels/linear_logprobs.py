@@ -135,26 +135,9 @@ def ppo_policy_loss_from_hidden(hidden, weight, labels, old_logp, advantages, ma
     weights = reference.aggregation_weights(mask, aggregation, normalizer).reshape(-1)[rows]
     logp, entropy = linear_logprobs(flat_hidden.index_select(0, rows), weight, labels.reshape(-1)[rows], temperature,
                                     return_entropy=True, weight_grad=weight_grad)
-    old = old_logp.reshape(-1)[rows].float()
-    advantage = advantages.reshape(-1)[rows].float()
-    log_ratio = (logp - old).clamp(-reference.RATIO_CLAMP, reference.RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantage * ratio
-    clipped = -advantage * ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    if dual_clip is not None:
-        per_token = torch.where(advantage < 0, torch.minimum(per_token, -advantage * dual_clip), per_token)
-    per_token = per_token - entropy_coef * entropy
-    kl = None
-    if ref_logp is not None and kl_coef:
-        kl = reference.kl_penalty(logp, ref_logp.reshape(-1)[rows].float(), kl_estimator)
-        per_token = per_token + kl_coef * kl
-    loss = (per_token * weights.to(per_token.dtype)).sum()
-    with torch.no_grad():
-        count = max(len(rows), 1)
-        stats = {"clipfrac": (clipped > unclipped).float().sum() / count,
-                 "approx_kl": ((ratio - 1) - log_ratio).sum() / count,
-                 "entropy": entropy.sum() / count, "ratio": ratio.sum() / count}
-        if kl is not None:
-            stats["kl"] = kl.sum() / count
-    return loss, stats
+    terms = reference.ppo_token_losses(
+        logp, entropy, old_logp.reshape(-1)[rows].float(), advantages.reshape(-1)[rows].float(),
+        None if ref_logp is None else ref_logp.reshape(-1)[rows].float(), clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, entropy_coef=entropy_coef, kl_coef=kl_coef, kl_estimator=kl_estimator)
+    loss = (terms["per_token"] * weights.to(logp.dtype)).sum()
+    return loss, reference.ppo_stats(terms, entropy, torch.ones_like(logp, dtype=torch.bool))

@@ -89,7 +89,21 @@ def ppo_policy_loss(logits, labels, old_logp, advantages, mask, *, clip_low=0.2,
     logp, entropy = logprobs_from_logits(logits, labels, temperature, return_entropy=True)
     dtype = logp.dtype
     valid = mask.reshape(logp.shape) > 0
-    old_logp, advantages = old_logp.to(dtype).reshape(logp.shape), advantages.to(dtype).reshape(logp.shape)
+    terms = ppo_token_losses(logp, entropy, old_logp.to(dtype).reshape(logp.shape),
+                             advantages.to(dtype).reshape(logp.shape),
+                             None if ref_logp is None else ref_logp.to(dtype).reshape(logp.shape),
+                             clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, entropy_coef=entropy_coef,
+                             kl_coef=kl_coef, kl_estimator=kl_estimator)
+    weights = aggregation_weights(mask.reshape(logp.shape), aggregation, normalizer).to(dtype)
+    per_token = terms["per_token"]
+    loss = torch.where(valid, per_token * weights, torch.zeros_like(per_token)).sum()
+    return loss, ppo_stats(terms, entropy, valid)
+
+
+def ppo_token_losses(logp, entropy, old_logp, advantages, ref_logp=None, *, clip_low=0.2, clip_high=0.2,
+                     dual_clip=None, entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3") -> dict:
+    """The per-token PPO terms (see ``ppo_policy_loss``): per_token loss, ratio, log_ratio, whether the
+    clipped branch was larger, and the KL term (None without a reference)."""
     log_ratio = (logp - old_logp).clamp(-RATIO_CLAMP, RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -100,18 +114,23 @@ def ppo_policy_loss(logits, labels, old_logp, advantages, mask, *, clip_low=0.2,
     per_token = per_token - entropy_coef * entropy
     kl = None
     if ref_logp is not None and kl_coef:
-        kl = kl_penalty(logp, ref_logp.to(dtype).reshape(logp.shape), kl_estimator)
+        kl = kl_penalty(logp, ref_logp, kl_estimator)
         per_token = per_token + kl_coef * kl
-    weights = aggregation_weights(mask.reshape(logp.shape), aggregation, normalizer).to(dtype)
-    loss = torch.where(valid, per_token * weights, torch.zeros_like(per_token)).sum()
-    with torch.no_grad():
-        stats = {"clipfrac": _masked_mean((clipped > unclipped).to(dtype), valid),
-                 "approx_kl": _masked_mean((ratio - 1) - log_ratio, valid),
-                 "entropy": _masked_mean(entropy, valid),
-                 "ratio": _masked_mean(ratio, valid)}
-        if kl is not None:
-            stats["kl"] = _masked_mean(kl, valid)
-    return loss, stats
+    return {"per_token": per_token, "ratio": ratio, "log_ratio": log_ratio, "clipped_more": clipped > unclipped,
+            "kl": kl}
+
+
+@torch.no_grad()
+def ppo_stats(terms: dict, entropy: torch.Tensor, valid: torch.Tensor) -> dict:
+    """clipfrac, approx_kl ((r - 1) - log r, as CleanRL), entropy, ratio (and kl): means over `valid`."""
+    dtype = terms["ratio"].dtype
+    stats = {"clipfrac": _masked_mean(terms["clipped_more"].to(dtype), valid),
+             "approx_kl": _masked_mean((terms["ratio"] - 1) - terms["log_ratio"], valid),
+             "entropy": _masked_mean(entropy, valid),
+             "ratio": _masked_mean(terms["ratio"], valid)}
+    if terms["kl"] is not None:
+        stats["kl"] = _masked_mean(terms["kl"], valid)
+    return stats
 
 
 def value_loss(values, old_values, returns, mask, clip=0.2, normalizer=None):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepcoder import train
+from stepcoder import kernels, train
 from stepcoder.config import ConfigError, parse_config
 from stepcoder.data import load_builtin
-from stepcoder.models import build_default_model, build_default_tokenizer
+from stepcoder.models import build_default_model, build_default_tokenizer, make_critic
 
 TINY = ["--limit", "8", "--problems_per_step", "4", "--rollouts_per_prompt", "2", "--max_new_tokens", "40",
         "--sft_steps", "20", "--generation_batch_size", "8", "--num_mini_batches", "2", "--sandbox_workers", "1",
@@ -67,8 +67,6 @@ def test_logprobs_with_and_without_left_padding_agree():
     alone = train.pad_batch(samples[:1], tokenizer, config, "cpu")
     together = train.pad_batch(samples, tokenizer, config, "cpu")
     assert together.attention_mask[0].sum() < together.attention_mask.shape[1]  # the short prompt is left-padded
-    from stepcoder import kernels
-
     with torch.no_grad():
         logp_alone = kernels.logprobs_from_logits(train.response_logits(model, alone, slice(None)), alone.responses)
         logp_padded = kernels.logprobs_from_logits(train.response_logits(model, together, slice(None)),
@@ -86,7 +84,7 @@ def test_reward_lands_on_the_last_generated_token_and_kl_is_zero_at_the_referenc
                                     fgo=[1] * length))
     config = parse_config(["--output_dir", "unused", "--kl_coef", "0.5"])
     batch = train.pad_batch(samples, tokenizer, config, "cpu")
-    critic = __import__("stepcoder.models", fromlist=["make_critic"]).make_critic(model, share_trunk=False)
+    critic = make_critic(model, share_trunk=False)
     experience = train.score_rollouts(model, model, critic, batch, config)
     assert float(experience["kl"].abs().max()) == 0.0
     rewards = experience["rewards"]

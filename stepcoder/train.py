@@ -435,7 +435,7 @@ def _unwrap(model):
 class Logger:
     """metrics.jsonl (one object per step), samples.jsonl, TensorBoard when asked; rank 0 only."""
 
-    def __init__(self, config: TrainConfig, resumed: bool):
+    def __init__(self, config: TrainConfig, resumed_at: int | None):
         self.output = Path(config.output_dir)
         self.enabled = world()[0] == 0
         self.history: list[dict] = []
@@ -443,10 +443,11 @@ class Logger:
         if not self.enabled:
             return
         metrics = self.output / "metrics.jsonl"
-        if resumed and metrics.exists():
-            self.history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        elif metrics.exists():
-            metrics.unlink()
+        if resumed_at is not None and metrics.exists():
+            # Steps after the checkpoint were lost with the interrupted run; they are done again.
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            self.history = [row for row in rows if row["step"] <= resumed_at]
+        metrics.write_text("".join(json.dumps(row) + "\n" for row in self.history))
         if config.report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -459,9 +460,9 @@ class Logger:
     def step(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        self.history = [m for m in self.history if m["step"] < metrics["step"]] + [metrics]
-        with open(self.output / "metrics.jsonl", "w") as f:  # rewritten whole: a resumed run drops replayed steps
-            f.writelines(json.dumps(m) + "\n" for m in self.history)
+        self.history.append(metrics)
+        with open(self.output / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
         if self.board is not None:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) and name != "step":
@@ -629,7 +630,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         saved_rng = torch.load(checkpoint / f"rng_rank{rank}.pt", weights_only=False)
         set_rng_state(saved_rng["rng"])
         generator.set_state(saved_rng["generator"])
-    logger = Logger(config, resumed=checkpoint is not None)
+    logger = Logger(config, resumed_at=trainer_state["step"] if checkpoint is not None else None)
 
     from tqdm.auto import tqdm
 

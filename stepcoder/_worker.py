@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import io
 import json
+import mmap
 import os
 import pickle
 import shutil
@@ -321,8 +322,6 @@ class Worker:
             return {"compile_error": f"{type(error).__name__}: {error}"}
         codes = _code_objects(code)
         last_line = max((line for c in codes for *_, line in c.co_lines() if line), default=0)
-        import mmap
-
         setup = compile(message["setup"], "<setup>", "exec", dont_inherit=True) if message["setup"] else None
         self.job = {"code": code, "codes": codes, "setup": setup, "kind": message["kind"], "entry": message["entry"],
                     "trace": message["trace"], "bitmap": mmap.mmap(-1, last_line + 1)}

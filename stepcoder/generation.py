@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
-STOP = "```"  # prompts end inside a ```python block; its closing fence ends the code
+from stepcoder.prompts import CODE_FENCE
 
 
 def load_model(path: str, device: str | None = None):
@@ -38,7 +38,7 @@ def sample(model, tokenizer, prompts: Sequence[str], n: int, temperature: float,
         encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
         with torch.inference_mode():
             output = model.generate(**encoded, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                    pad_token_id=tokenizer.pad_token_id, stop_strings=[STOP], tokenizer=tokenizer,
+                                    pad_token_id=tokenizer.pad_token_id, stop_strings=[CODE_FENCE], tokenizer=tokenizer,
                                     **sampling)
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

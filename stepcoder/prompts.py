@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from stepcoder.data.problem import Problem
 
+CODE_FENCE = "```"  # every prompt ends inside a ```python block: this closing fence ends the program
 PLAIN_TEMPLATE = "### Question:\n{question}\n\n### Answer:\n```python\n"
 
 

@@ -39,11 +39,10 @@ from stepcoder.data import DataError, Problem, load_problems
 from stepcoder.fgo import token_mask, token_offsets
 from stepcoder.kernels.reference import kl_penalty
 from stepcoder.models import (build_default_model, build_default_tokenizer, load_critic, load_model,
-                              load_reference, make_critic, save_critic, without_dropout)
-from stepcoder.prompts import build_prompt
+                              load_reference, make_critic, position_ids, save_critic, without_dropout)
+from stepcoder.prompts import CODE_FENCE, build_prompt
 from stepcoder.sandbox import Sandbox
 
-STOP = "```"  # prompts end inside a ```python block: its closing fence ends the program
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,7 +98,7 @@ def generate(policy, tokenizer, prompts: list[str], config: TrainConfig, device)
     with torch.no_grad():
         output = policy.generate(**encoded, do_sample=True, temperature=config.temperature, top_p=config.top_p,
                                  top_k=0, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, stop_strings=[STOP], tokenizer=tokenizer)
+                                 eos_token_id=tokenizer.eos_token_id, stop_strings=[CODE_FENCE], tokenizer=tokenizer)
     width = encoded["input_ids"].shape[1]
     pairs = []
     for row, mask in zip(output, encoded["attention_mask"]):
@@ -203,7 +202,7 @@ def response_logits(model, batch: Batch, rows) -> torch.Tensor:
     width = batch.responses.shape[1]
     attention = batch.attention_mask[rows]
     return model(input_ids=batch.input_ids[rows], attention_mask=attention,
-                 position_ids=(attention.cumsum(-1) - 1).clamp(min=0), logits_to_keep=width + 1).logits
+                 position_ids=position_ids(attention), logits_to_keep=width + 1).logits
 
 
 def response_hidden(model, batch: Batch, rows) -> torch.Tensor:
@@ -212,7 +211,7 @@ def response_hidden(model, batch: Batch, rows) -> torch.Tensor:
     width = batch.responses.shape[1]
     attention = batch.attention_mask[rows]
     output = model(input_ids=batch.input_ids[rows], attention_mask=attention,
-                   position_ids=(attention.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1, output_hidden_states=True)
+                   position_ids=position_ids(attention), logits_to_keep=1, output_hidden_states=True)
     return output.hidden_states[-1][:, -width - 1:-1]
 
 
@@ -337,7 +336,7 @@ def supervised_warmup(policy, tokenizer, problems: list[Problem], config: TrainC
             context = problem.context(prefix)
             target = solution[len(context):] if solution.startswith(context) else solution
             prompt_ids = tokenizer(build_prompt(problem, prefix, tokenizer, chat))["input_ids"]
-            target_ids = tokenizer(target + STOP)["input_ids"] + [tokenizer.eos_token_id]
+            target_ids = tokenizer(target + CODE_FENCE)["input_ids"] + [tokenizer.eos_token_id]
             examples.append((prompt_ids, target_ids))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.sft_learning_rate)
     generator = random.Random(config.seed)
@@ -355,7 +354,7 @@ def supervised_warmup(policy, tokenizer, problems: list[Problem], config: TrainC
             labels[row, width - len(target):] = torch.tensor(target)
             attention[row, width - len(sequence):] = 1
         ids, labels, attention = ids.to(device), labels.to(device), attention.to(device)
-        loss = policy(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+        loss = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention),
                       labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -537,12 +536,12 @@ def select_problems(config: TrainConfig) -> list[Problem]:
 def problem_batch(problems: list[Problem], position: int, config: TrainConfig, seed: int) -> list[Problem]:
     """This rank's problems for the step at `position` in an epoch-wise shuffled order (same on every rank)."""
     rank, world_size = world()
-    chosen = []
+    chosen, orders = [], {}
     for offset in range(config.problems_per_step * world_size):
-        index = position + offset
-        epoch, within = divmod(index, len(problems))
-        order = np.random.default_rng(seed + epoch).permutation(len(problems))
-        chosen.append(problems[order[within]])
+        epoch, within = divmod(position + offset, len(problems))
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng(seed + epoch).permutation(len(problems))
+        chosen.append(problems[orders[epoch][within]])
     return chosen[rank * config.problems_per_step:(rank + 1) * config.problems_per_step]
 
 

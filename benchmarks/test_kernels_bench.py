@@ -45,8 +45,9 @@ def inputs(vocab: int):
 def run_stepcoder(logits, labels, old, _, advantages, mask):
     from stepcoder.kernels import ppo_policy_loss
 
-    leaf = logits.detach().requires_grad_(True)
-    loss, _ = ppo_policy_loss(leaf, labels, old, advantages, mask)  # [B, T+1, V]: the shift costs no copy
+    leaf = logits.detach().requires_grad_(True)  # stands in for a model's output, which is overwritten by default
+    loss, _ = ppo_policy_loss(leaf, labels, old, advantages, mask,  # [B, T+1, V]: the shift costs no copy
+                              inplace_backward=True)
     loss.backward()
 
 

@@ -5,8 +5,8 @@ One program per token row: an online pass over the vocabulary gives logp and ent
 PPO math (ratio, clipping, dual clip, entropy bonus, KL penalty, aggregation weight) then gives the
 loss and its derivatives with respect to logp and entropy; a second pass over the same row (from L2
 on a GPU) writes d loss / d logits. The gradient is thus computed in the forward pass: HBM sees the
-logits read once and the gradient written once, and with ``inplace_backward=True`` the gradient
-overwrites the logits, so no [tokens x vocabulary] buffer is allocated. Rows outside the mask cost
+logits read once and the gradient written once, and when the logits are an autograd intermediate (a
+model's output) the gradient overwrites them, so no [tokens x vocabulary] buffer is allocated. Rows outside the mask cost
 only zeroing their gradient. Semantics are ``reference.ppo_policy_loss``'s.
 """
 from __future__ import annotations
@@ -124,6 +124,16 @@ def _ppo_forward_kernel(logits_ptr, grad_ptr, labels_ptr, old_ptr, advantages_pt
                     tl.store(grad_row + index, (gradient / temperature).to(grad_ptr.dtype.element_ty), mask=inside)
 
 
+def writes_in_place(logits: torch.Tensor, inplace_backward: bool | None) -> bool:
+    """Whether the gradient may overwrite `logits`. None (the default) allows it only when their memory
+    belongs to autograd: an intermediate such as a model's output, not a leaf the caller created and
+    not a view of one (that leaf's values would silently become the gradient)."""
+    if inplace_backward is not None:
+        return inplace_backward
+    owner = logits._base if logits._base is not None else logits
+    return owner.grad_fn is not None
+
+
 class PPOLossFunction(torch.autograd.Function):
     """Returns (loss, logp, entropy, ratio, clipped, kl); only the loss is differentiable, and its
     gradient was formed in forward: backward only scales it by the upstream gradient."""
@@ -132,7 +142,7 @@ class PPOLossFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, old_logp, advantages, weights, valid, ref_logp, options):
         view, rows = prepare(logits, labels)
         compute_grad = logits.requires_grad
-        if compute_grad and options["inplace_backward"] and view is logits:
+        if compute_grad and writes_in_place(logits, options["inplace_backward"]) and view is logits:
             grad = view
             torch.autograd.graph.increment_version(logits)  # a backward that still needs them fails loudly
         else:
@@ -168,7 +178,7 @@ class PPOLossFunction(torch.autograd.Function):
 
 def ppo_policy_loss(logits, labels, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
                     temperature=1.0, entropy_coef=0.0, ref_logp=None, kl_coef=0.0, kl_estimator="k3",
-                    aggregation="token-mean", normalizer=None, inplace_backward=True):
+                    aggregation="token-mean", normalizer=None, inplace_backward=None):
     """The clipped PPO policy loss from logits, masked by `mask` (the action mask x the FGO mask).
 
     logits [B, T, V] or [N, V] (fp32/bf16/fp16, possibly strided), or [B, T + 1, V] as a causal LM
@@ -176,9 +186,11 @@ def ppo_policy_loss(logits, labels, old_logp, advantages, mask, *, clip_low=0.2,
     advantages (per token, e.g. GAE), mask and ref_logp: one value per token row. Returns (loss, stats)
     with stats clipfrac, approx_kl, entropy, ratio (masked means; kl too when a KL term is on).
     `normalizer` replaces the aggregation's denominator (e.g. the global count of valid tokens).
-    With ``inplace_backward`` (default) the gradient is written over the logits during forward —
-    they must not be needed afterwards (a plain linear LM head's output is not); autograd raises
-    if something still needs them. Formulas: ``stepcoder.kernels.reference.ppo_policy_loss``.
+    The gradient is written during forward, over the logits when ``inplace_backward`` allows it:
+    None (default) when they are an autograd intermediate (a model's output: no [tokens x vocab]
+    buffer is allocated, and the logits must not be read afterwards — autograd raises if a backward
+    still needs them), never over a leaf the caller created or a view of one; True always (a leaf's
+    values become its own .grad); False never. Formulas: ``stepcoder.kernels.reference.ppo_policy_loss``.
     """
     prepare(logits, labels)
     _check_options(clip_low, clip_high, dual_clip, temperature, kl_estimator, aggregation)

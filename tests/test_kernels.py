@@ -123,7 +123,7 @@ def policy_inputs(dtype, vocab=700, batch=3, steps=5, temperature=1.0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("options", POLICY_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
-@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("inplace", [None, True, False])
 def test_ppo_policy_loss_matches_float64(dtype, options, inplace):
     full, labels, old, advantages, mask, ref = policy_inputs(dtype, temperature=options.get("temperature", 1.0))
     leaf = full.clone().requires_grad_(True)
@@ -174,6 +174,39 @@ def test_in_place_backward_refuses_logits_another_backward_needs():
                                       torch.ones(4, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_default_in_place_rule_spares_the_callers_leaves_and_reuses_intermediates():
+    """By default the gradient overwrites the logits only when autograd owns them: a leaf the caller made
+    (or a view of one) keeps its values; a model's output (here hidden @ W) becomes d loss / d logits."""
+    full, labels, old, advantages, mask, _ = policy_inputs(torch.float32)
+    exact = full.double().requires_grad_(True)
+    reference.ppo_policy_loss(exact[:, :-1], labels, old.double(), advantages.double(), mask)[0].backward()
+    for make in (lambda leaf: leaf, lambda leaf: leaf[:, :-1], lambda leaf: leaf.view(-1, full.shape[-1])):
+        leaf = full.clone().requires_grad_(True)
+        logits = make(leaf)
+        flat_labels = labels if logits.dim() == 3 else torch.cat([labels, labels[:, :1]], 1).reshape(-1)
+        per_token = [t if logits.dim() == 3 else torch.cat([t, torch.zeros_like(t[:, :1])], 1).reshape(-1)
+                     for t in (old, advantages, mask)]
+        kernels.ppo_policy_loss(logits, flat_labels, *per_token)[0].backward()
+        assert torch.equal(leaf.detach(), full), "the caller's leaf was overwritten"
+        assert leaf.grad.data_ptr() != leaf.data_ptr()
+        assert relative_error(leaf.grad, exact.grad) < grad_tolerance(torch.float32)
+
+    hidden = torch.randn(full.shape[0], full.shape[1], 64, requires_grad=True)
+    weight = (torch.randn(64, full.shape[-1]) / 8).requires_grad_(True)
+    logits = hidden @ weight  # an intermediate: its memory is autograd's
+    loss, _ = kernels.ppo_policy_loss(logits, labels, old, advantages, mask)
+    exact = (hidden.detach() @ weight.detach()).double().requires_grad_(True)
+    reference.ppo_policy_loss(exact[:, :-1], labels, old.double(), advantages.double(), mask)[0].backward()
+    assert relative_error(logits.detach(), exact.grad) < grad_tolerance(torch.float32)  # overwritten in place
+    loss.backward()
+    exact_hidden = hidden.detach().double().requires_grad_(True)
+    exact_weight = weight.detach().double().requires_grad_(True)
+    reference.ppo_policy_loss((exact_hidden @ exact_weight)[:, :-1], labels, old.double(), advantages.double(),
+                              mask)[0].backward()
+    assert relative_error(hidden.grad, exact_hidden.grad) < 1e-4
+    assert relative_error(weight.grad, exact_weight.grad) < 1e-4
 
 
 @pytest.mark.parametrize("clip, normalizer", [(0.2, None), (None, None), (0.5, 100.0)])
@@ -272,10 +305,11 @@ def test_bad_arguments_raise_clear_errors():
         kernels.gae(torch.ones(3), torch.ones(3), torch.ones(3))
 
 
-@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("inplace", [None, True, False])
 def test_causal_lm_logits_with_one_extra_position_are_used_in_place(inplace):
     """[B, T + 1, V] logits with [B, T] labels: position t predicts label t, the last position is
-    dropped without a copy, its gradient is 0, and in place the gradient reuses the logits' memory."""
+    dropped without a copy, its gradient is 0, and in place (asked for: this is a leaf) the gradient
+    reuses the logits' memory."""
     full, labels, old, advantages, mask, _ = policy_inputs(torch.bfloat16)
     leaf = full.clone().requires_grad_(True)
     loss, _ = kernels.ppo_policy_loss(leaf, labels, old, advantages, mask, inplace_backward=inplace)
@@ -284,7 +318,7 @@ def test_causal_lm_logits_with_one_extra_position_are_used_in_place(inplace):
     reference.ppo_policy_loss(exact[:, :-1], labels, old.double(), advantages.double(), mask)[0].backward()
     assert relative_error(leaf.grad, exact.grad) < grad_tolerance(torch.bfloat16)
     assert float(leaf.grad[:, -1].abs().max()) == 0.0
-    assert (leaf.grad.data_ptr() == leaf.data_ptr()) == inplace
+    assert (leaf.grad.data_ptr() == leaf.data_ptr()) == (inplace is True)
     logits = full.clone().requires_grad_(True)
     logp, entropy = kernels.logprobs_from_logits(logits, labels, return_entropy=True)
     (logp.sum() + entropy.sum()).backward()

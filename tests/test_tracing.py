@@ -207,11 +207,14 @@ def _find_python(version: str) -> str | None:
 
 
 def _build_for(python: str, build_dir: Path) -> None:
-    """Compiles csrc/ for `python` with this environment's pybind11 headers (header-only)."""
+    """Compiles csrc/ for `python` with this environment's pybind11 headers (header-only; the `test`
+    extra declares pybind11, so its absence is a broken install and fails, never skips)."""
     import pybind11
 
     query = "import sysconfig; print(sysconfig.get_paths()['include']); print(sysconfig.get_config_var('EXT_SUFFIX'))"
     include, suffix = subprocess.run([python, "-c", query], capture_output=True, text=True, check=True).stdout.split()
+    if not (Path(include) / "Python.h").is_file():
+        pytest.skip(f"{python} has no C headers ({include}/Python.h): install its development package")
     package = build_dir / "stepcoder"
     package.mkdir(parents=True)
     for name in ("__init__.py", "_worker.py", "sandbox.py"):
@@ -227,7 +230,7 @@ def _build_for(python: str, build_dir: Path) -> None:
 def test_tracer_of_another_python_equals_settrace(version, tracer, tmp_path):
     python = _find_python(version)
     if python is None:
-        pytest.skip(f"Python {version} is not installed")
+        pytest.skip(f"Python {version} is not installed (looked in ~/.pyenv/versions and for python{version} on PATH)")
     _build_for(python, tmp_path / "build")
     rng = random.Random()
     cases = [{"program": TRICKY, "inputs": ["-3\n", "5\n", "42\n"]}]

@@ -24,6 +24,7 @@ import stat
 import struct
 import sys
 import traceback
+import warnings
 
 # Imported once here, so a test child starts with them loaded (and can use them after it lost the
 # right to read the interpreter's files).
@@ -38,6 +39,18 @@ MONITORING_TOOL = 4  # sys.monitoring tool ids 0-2 and 5 are named for debuggers
 BIG_INT_BITS = 10_000  # above this, ints travel as hex: decimal conversion is capped at 4300 digits
 SANDBOX_UID_BASE = 1_000_000_000  # + worker pid: a uid of its own per worker, so RLIMIT_NPROC is per worker
 HEADER = struct.Struct("<I")
+MAX_COMPILE_WARNINGS = 10     # a program's compile-time warnings kept for its Result, each cut to
+COMPILE_WARNING_CHARS = 300   # this many characters (a hostile program may trigger thousands)
+
+
+def compile_quietly(source: str, filename: str):
+    """compile(), returning the compiler's warnings (SyntaxWarning for `1if x`, bad escapes, `is` with a
+    literal, ...) as short strings instead of printing them: the worker's stderr is the trainer's console."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = compile(source, filename, "exec", dont_inherit=True)
+    return code, [f"line {w.lineno}: {w.category.__name__}: {w.message}"[:COMPILE_WARNING_CHARS]
+                  for w in caught[:MAX_COMPILE_WARNINGS]]
 
 
 def canonical(value, depth: int = 0):
@@ -317,22 +330,22 @@ class Worker:
 
     def load(self, message: dict) -> dict:
         try:
-            code = compile(message["program"], "<solution>", "exec", dont_inherit=True)
+            code, compiler_warnings = compile_quietly(message["program"], "<solution>")
         except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as error:
             return {"compile_error": f"{type(error).__name__}: {error}"}
         codes = _code_objects(code)
         last_line = max((line for c in codes for *_, line in c.co_lines() if line), default=0)
-        setup = compile(message["setup"], "<setup>", "exec", dont_inherit=True) if message["setup"] else None
+        setup = compile_quietly(message["setup"], "<setup>")[0] if message["setup"] else None
         self.job = {"code": code, "codes": codes, "setup": setup, "kind": message["kind"], "entry": message["entry"],
                     "trace": message["trace"], "bitmap": mmap.mmap(-1, last_line + 1)}
         self.limits = message["limits"]
-        return {"ok": True}
+        return {"ok": True, "warnings": compiler_warnings}
 
     def run_test(self, test_input) -> dict:
         job, limits = self.job, self.limits
         if job["kind"] == "assert":
             try:
-                test_input = compile(test_input, "<test>", "exec", dont_inherit=True)
+                test_input = compile_quietly(test_input, "<test>")[0]
             except (SyntaxError, ValueError) as error:
                 return {"test_error": f"the test code does not compile: {type(error).__name__}: {error}"}
         stdin = test_input.encode() if job["kind"] == "stdin" else b""

@@ -5,10 +5,12 @@ jsonl file (``--samples``, lines of ``{"task_id", "completion"}``), or samples f
 (``--model``). Reports pass@k (unbiased estimator; k = 1, 5, 10 where n allows) overall and by
 difficulty, and how failures split into compile errors, runtime errors, wrong answers and timeouts
 (the StepCoder paper's error table). ``--output DIR`` writes ``report.json``, ``verdicts.jsonl`` and
-``outcomes.png``.
+``outcomes.png``. Several ``--model`` paths are judged on the same problems with the same seed and
+printed side by side (e.g. a checkpoint's ``reference/`` and ``policy/``: before vs after training).
 
     python -m stepcoder.evaluate --canonical --data apps_plus:../shared/data/apps_plus/valid_all.json
     python -m stepcoder.evaluate --model ./my-model --n 10 --temperature 0.8 --data humaneval --output out/
+    python -m stepcoder.evaluate --model run/checkpoint-80/reference run/checkpoint-80/policy --n 4
 """
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what.add_argument("--canonical", action="store_true", help="the dataset's own solutions")
     what.add_argument("--samples", metavar="FILE.jsonl",
                       help='completions: lines of {"task_id": ..., "completion": ...}')
-    what.add_argument("--model", metavar="PATH", help="a local transformers model that generates --n samples each")
+    what.add_argument("--model", metavar="PATH", nargs="+", action="extend",
+                      help="local transformers models, each generating --n samples per problem; several are "
+                           "compared side by side")
     gen = parser.add_argument_group("generation (--model)")
     gen.add_argument("--n", type=int, default=1, help="samples per problem (with --canonical: solutions per problem)")
     gen.add_argument("--temperature", type=float, default=0.2)
@@ -70,6 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--temperature must be >= 0, --top_p in (0, 1], --timeout > 0")
     if args.samples and not Path(args.samples).is_file():
         parser.error(f"--samples {args.samples}: no such file")
+    if args.model:
+        twice = [path for path, count in Counter(str(Path(p).resolve()) for p in args.model).items() if count > 1]
+        if twice:
+            parser.error(f"--model {twice[0]} is given more than once")
     return args
 
 
@@ -78,6 +86,7 @@ class ProblemScore:
     problem: Problem
     verdicts: list[str] = field(default_factory=list)
     details: list[str | None] = field(default_factory=list)
+    warnings: list[list[str]] = field(default_factory=list)  # each program's compiler warnings
 
     @property
     def passed(self) -> int:
@@ -113,7 +122,8 @@ def read_samples(path: str, problems: list[Problem], skip_bad: bool) -> dict[str
     return samples
 
 
-def candidates(args: argparse.Namespace, problems: list[Problem]) -> Iterator[tuple[Problem, list[str]]]:
+def candidates(args: argparse.Namespace, problems: list[Problem],
+               model_path: str | None = None) -> Iterator[tuple[Problem, list[str]]]:
     """(problem, programs to judge) for each problem, lazily (a model generates batch by batch)."""
     if args.canonical:
         for problem in problems:
@@ -138,8 +148,8 @@ def candidates(args: argparse.Namespace, problems: list[Problem]) -> Iterator[tu
     from stepcoder.generation import load_model, sample
     from stepcoder.prompts import build_prompt
 
-    set_seed(args.seed)
-    model, tokenizer = load_model(args.model)
+    set_seed(args.seed)  # the same for every model, so compared models sample under the same seed
+    model, tokenizer = load_model(model_path)
     chat = {"auto": None, "on": True, "off": False}[args.chat]
     prompts = [build_prompt(problem, tokenizer=tokenizer, chat=chat) for problem in problems]
     with torch.inference_mode():
@@ -149,13 +159,14 @@ def candidates(args: argparse.Namespace, problems: list[Problem]) -> Iterator[tu
             yield problem, [problem.program(text) for text in texts]
 
 
-def judge(sandbox: Sandbox, work: Iterable[tuple[Problem, list[str]]], total: int) -> list[ProblemScore]:
+def judge(sandbox: Sandbox, work: Iterable[tuple[Problem, list[str]]], total: int,
+          label: str = "problems") -> list[ProblemScore]:
     """Submits each problem's programs as soon as they exist; a progress bar counts judged problems."""
     from tqdm.auto import tqdm
 
     pending: list[tuple[ProblemScore, list[Future]]] = []
     lock = threading.Lock()
-    with tqdm(total=total, desc="problems", unit="problem") as bar:
+    with tqdm(total=total, desc=label, unit="problem") as bar:
 
         def count_down(remaining: list[int]) -> None:
             with lock:
@@ -177,6 +188,7 @@ def judge(sandbox: Sandbox, work: Iterable[tuple[Problem, list[str]]], total: in
                 result = future.result()
                 score.verdicts.append(result.verdict)
                 score.details.append(result.detail)
+                score.warnings.append(result.warnings)
             scores.append(score)
     return scores
 
@@ -201,7 +213,8 @@ def summarize(scores: list[ProblemScore]) -> dict:
     }
 
 
-def report(scores: list[ProblemScore], skipped: list[str], args: argparse.Namespace, seconds: float) -> dict:
+def report(scores: list[ProblemScore], skipped: list[str], args: argparse.Namespace, seconds: float,
+           model_path: str | None = None) -> dict:
     by_difficulty = defaultdict(list)
     for score in scores:
         by_difficulty[score.problem.difficulty or "unknown"].append(score)
@@ -213,6 +226,8 @@ def report(scores: list[ProblemScore], skipped: list[str], args: argparse.Namesp
     summary["skipped"] = skipped
     summary["seconds"] = round(seconds, 2)
     summary["config"] = {k: v for k, v in vars(args).items() if k != "output"}
+    if model_path is not None:
+        summary["config"]["model"] = model_path
     return summary
 
 
@@ -230,12 +245,51 @@ def print_summary(summary: dict) -> None:
         print("failures: " + ", ".join(f"{v} {100 * share:.1f}%" for v, share in shares.items() if share))
 
 
-def write_outputs(directory: str, summary: dict, scores: list[ProblemScore]) -> None:
+def print_comparison(summaries: dict[str, dict]) -> None:
+    """Several models' reports as one table: a column per model, a row per figure."""
+    names = list(summaries)
+    first = summaries[names[0]]
+    print(f"\n{first['num_problems']} problems, " + ", ".join(
+        f"{name}: {part['num_programs']} programs in {part['seconds']} s" for name, part in summaries.items()))
+    width = max(12, *(len(name) + 2 for name in names))
+    rows: list[tuple[str, list[float | None]]] = []
+    for k in first["pass@k"]:
+        rows.append((f"pass@{k}", [part["pass@k"].get(k) for part in summaries.values()]))
+    groups = list(first["by_difficulty"])
+    if groups != ["unknown"]:
+        for group in groups:
+            rows.append((f"  {group} pass@1", [part["by_difficulty"].get(group, {}).get("pass@1")
+                                               for part in summaries.values()]))
+    for verdict in VERDICTS:
+        if verdict != "pass" and any(part["outcomes"].get(verdict) for part in summaries.values()):
+            rows.append((f"  {verdict}", [part["outcomes"][verdict] / max(part["num_programs"], 1)
+                                          for part in summaries.values()]))
+    label_width = max(len(label) for label, _ in rows) + 2
+    print(" " * label_width + "".join(f"{name:>{width}s}" for name in names))
+    for label, values in rows:
+        cells = "".join(f"{'-':>{width}s}" if v is None else f"{100 * v:>{width - 1}.1f}%" for v in values)
+        print(f"{label:<{label_width}s}{cells}")
+    print("(verdict rows: share of all programs)")
+
+
+def model_labels(paths: list[str]) -> list[str]:
+    """Short names that tell the models apart: the fewest trailing path parts that are unique
+    (checkpoint-80/policy and checkpoint-80/reference become policy and reference)."""
+    parts = [Path(path).resolve().parts for path in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(Path(path).resolve()) for path in paths]
+
+
+def write_outputs(directory: str | Path, summary: dict, scores: list[ProblemScore]) -> None:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "report.json", json.dumps(summary, indent=2) + "\n")
     lines = [json.dumps({"task_id": s.problem.id, "sample": i, "difficulty": s.problem.difficulty, "verdict": v,
-                         "detail": d}) for s in scores for i, (v, d) in enumerate(zip(s.verdicts, s.details))]
+                         "detail": d, **({"warnings": w} if w else {})})
+             for s in scores for i, (v, d, w) in enumerate(zip(s.verdicts, s.details, s.warnings))]
     _atomic_write(out / "verdicts.jsonl", "".join(line + "\n" for line in lines))
     plot_outcomes(summary, out / "outcomes.png")
 
@@ -273,6 +327,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Returns the report; with several --model paths, {"models": {label: report}}."""
     args = parse_args(argv)
     start = time.monotonic()
     try:
@@ -284,17 +339,45 @@ def main(argv: list[str] | None = None) -> dict:
     if not problems:
         sys.exit(f"error: no problems to evaluate in {args.data}" + (f" at difficulty {args.difficulty}"
                                                                      if args.difficulty else ""))
-    with Sandbox(workers=args.workers, timeout=args.timeout, memory_mb=args.memory_mb, trace=False) as sandbox:
+    models = args.model or [None]
+    if args.model:
+        from stepcoder.generation import check_model_dir
+
         try:
-            scores = judge(sandbox, candidates(args, problems), len(problems))
-        except DataError as error:
+            for path in args.model:  # every path, before any model is loaded or judged
+                check_model_dir(path)
+        except ValueError as error:
             sys.exit(f"error: {error}")
-    summary = report(scores, loaded.skipped, args, time.monotonic() - start)
-    print_summary(summary)
+    labels = model_labels(args.model) if args.model else ["problems"]
+    results: dict[str, tuple[dict, list[ProblemScore]]] = {}
+    with Sandbox(workers=args.workers, timeout=args.timeout, memory_mb=args.memory_mb, trace=False) as sandbox:
+        for label, path in zip(labels, models):
+            try:
+                scores = judge(sandbox, candidates(args, problems, path), len(problems), label)
+            except (DataError, ValueError) as error:
+                sys.exit(f"error: {error}")
+            results[label] = (report(scores, loaded.skipped, args, time.monotonic() - start, path), scores)
+            start = time.monotonic()
+    if len(results) == 1:
+        ((summary, scores),) = results.values()
+        print_summary(summary)
+        if args.output:
+            write_outputs(args.output, summary, scores)
+            print(f"wrote {args.output}/report.json, verdicts.jsonl, outcomes.png")
+        return summary
+    summaries = {label: summary for label, (summary, _) in results.items()}
+    print_comparison(summaries)
     if args.output:
-        write_outputs(args.output, summary, scores)
-        print(f"wrote {args.output}/report.json, verdicts.jsonl, outcomes.png")
-    return summary
+        out = Path(args.output)
+        for index, (label, (summary, scores)) in enumerate(results.items()):
+            write_outputs(out / f"model-{index}", summary, scores)
+        comparison = {"models": {label: {"path": path, "directory": f"model-{index}", "pass@k": summary["pass@k"],
+                                         "outcomes": summary["outcomes"]}
+                                 for index, (label, path) in enumerate(zip(labels, models))}}
+        _atomic_write(out / "comparison.json", json.dumps(comparison, indent=2) + "\n")
+        folders = ", ".join(f"model-{index}/ = {label}" for index, label in enumerate(labels))
+        print(f"wrote {args.output}/comparison.json; report.json, verdicts.jsonl, outcomes.png in {folders}")
+    return {"models": summaries}
 
 
 if __name__ == "__main__":

@@ -6,21 +6,47 @@ from typing import Iterator, Sequence
 
 from stepcoder.prompts import CODE_FENCE
 
+# Files any one of which makes a directory's tokenizer loadable (fast, SentencePiece, byte-level BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def check_model_dir(path: str) -> None:
+    """Raises ValueError naming `path` unless it holds a causal LM to sample from and its tokenizer:
+    checked before anything is loaded, because transformers would build an empty tokenizer from a
+    bare config and fail deep inside generate()."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ValueError(f"--model {path}: not a directory (a local transformers model is expected)")
+    if (directory / "value_head.pt").exists():
+        raise ValueError(f"--model {path}: a critic (a value head on a trunk), not a language model to sample "
+                         "from; evaluate the policy/ or reference/ folder beside it")
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"--model {path}: no config.json, so not a transformers model directory")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"--model {path}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); "
+                         "save the model's tokenizer there with tokenizer.save_pretrained()")
+
 
 def load_model(path: str, device: str | None = None):
     """(model, tokenizer) from a local directory: nothing is downloaded. Left padding, a pad token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(path).is_dir():
-        raise ValueError(f"--model {path}: not a directory (a local transformers model is expected)")
+    from stepcoder.models import quiet_transformers
+
+    check_model_dir(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise ValueError(f"--model {path}: the tokenizer has neither a pad nor an EOS token, so generations "
+                         "cannot be batched or stopped")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
+    with quiet_transformers():  # its loading bar would cut through evaluate's own
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
     return model, tokenizer
 
 

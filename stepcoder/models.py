@@ -2,7 +2,9 @@
 token distinct from EOS, and the critic (a value head on a copy of the trunk, or on the policy's)."""
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,7 +45,8 @@ def load_model(path: str, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    with quiet_transformers():  # under torchrun every rank would draw its own loading bar
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     ensure_pad_token(tokenizer, model)
     return model, tokenizer
 
@@ -52,7 +55,8 @@ def load_reference(path: str, tokenizer, dtype: torch.dtype | None = None):
     """The frozen reference model, with embeddings matching the policy's tokenizer (its pad token)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -67,6 +71,21 @@ def ensure_pad_token(tokenizer, model) -> None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' and huggingface_hub's own progress bars off (save_pretrained draws "Writing model
+    shards" for every model it writes): during a run the trainer's bar is the one a user watches."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def without_dropout(model: nn.Module) -> nn.Module:
@@ -103,14 +122,19 @@ def make_critic(policy: nn.Module, share_trunk: bool) -> ValueModel:
     return ValueModel(trunk, policy.config.hidden_size)
 
 
-def save_critic(critic: ValueModel, directory: Path, share_trunk: bool) -> None:
+def save_critic(critic: ValueModel, directory: Path, share_trunk: bool, tokenizer=None) -> None:
+    """The value head, and the trunk with the tokenizer when the critic has a trunk of its own (so the
+    folder is a value model on its own: the trunk's AutoModel, its tokenizer, value_head.pt)."""
     directory.mkdir(parents=True, exist_ok=True)
     if not share_trunk:
         critic.trunk.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
     torch.save(critic.head.state_dict(), directory / "value_head.pt")
 
 
 def load_critic(critic: ValueModel, directory: Path, share_trunk: bool) -> None:
     if not share_trunk:
-        critic.trunk.load_state_dict(type(critic.trunk).from_pretrained(directory).state_dict())
+        with quiet_transformers():
+            critic.trunk.load_state_dict(type(critic.trunk).from_pretrained(directory).state_dict())
     critic.head.load_state_dict(torch.load(directory / "value_head.pt", weights_only=True))

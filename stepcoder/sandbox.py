@@ -78,6 +78,7 @@ class Result:
     tests: list[TestResult] = field(default_factory=list)
     executed_lines: list[int] = field(default_factory=list)  # 1-based lines of the program that ran
     detail: str | None = None                                 # the compile error, or the first failure's
+    warnings: list[str] = field(default_factory=list)         # the compiler's warnings (SyntaxWarning, ...)
 
     @property
     def passed(self) -> bool:
@@ -252,8 +253,8 @@ class Sandbox:
         lines = worker.call({"op": "finish"}, REPLY_SLACK)["executed_lines"]
         failure = next((t for t in tests if t.verdict != "pass"), None)
         if failure is None:
-            return Result("pass", tests, lines)
-        return Result(failure.verdict, tests, lines, failure.detail)
+            return Result("pass", tests, lines, warnings=loaded["warnings"])
+        return Result(failure.verdict, tests, lines, failure.detail, loaded["warnings"])
 
     def _classify(self, raw: dict, test: TestCase, kind: str) -> TestResult:
         if raw.get("test_error"):
@@ -389,7 +390,7 @@ def _check_job(index: int, job) -> _Job:
     _require(isinstance(setup, str), f"{where}: setup must be a str (code run before the program)")
     if setup:
         try:
-            compile(setup, "<setup>", "exec", dont_inherit=True)
+            _worker.compile_quietly(setup, "<setup>")
         except SyntaxError as error:
             raise ValueError(f"{where}: the setup code does not compile: {error}") from None
     _require(isinstance(tests, (list, tuple)) and len(tests) > 0, f"{where}: tests must be a non-empty list")
@@ -403,7 +404,7 @@ def _check_job(index: int, job) -> _Job:
             _require(isinstance(test.input, str), f"{at}: assert input must be test code (a str)")
             _require(test.expected is None, f"{at}: assert tests have no expected value (passing = no exception)")
             try:
-                compile(test.input, "<test>", "exec", dont_inherit=True)
+                _worker.compile_quietly(test.input, "<test>")
             except SyntaxError as error:
                 raise ValueError(f"{at}: the test code does not compile: {error}") from None
         else:

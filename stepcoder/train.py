@@ -39,7 +39,8 @@ from stepcoder.data import DataError, Problem, load_problems
 from stepcoder.fgo import token_mask, token_offsets
 from stepcoder.kernels.reference import kl_penalty
 from stepcoder.models import (build_default_model, build_default_tokenizer, load_critic, load_model,
-                              load_reference, make_critic, position_ids, save_critic, without_dropout)
+                              load_reference, make_critic, position_ids, quiet_transformers, save_critic,
+                              without_dropout)
 from stepcoder.prompts import CODE_FENCE, build_prompt
 from stepcoder.sandbox import Sandbox
 
@@ -354,8 +355,11 @@ def supervised_warmup(policy, tokenizer, problems: list[Problem], config: TrainC
             labels[row, width - len(target):] = torch.tensor(target)
             attention[row, width - len(sequence):] = 1
         ids, labels, attention = ids.to(device), labels.to(device), attention.to(device)
-        loss = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention),
-                      labels=labels).loss
+        logits = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention)).logits
+        targets = labels[:, 1:]  # position t predicts token t + 1; [B, W] logits with [B, W - 1] labels
+        kept = targets != -100
+        logp = kernels.logprobs_from_logits(logits, targets.clamp(min=0))
+        loss = -(logp * kept).sum() / kept.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
@@ -395,11 +399,13 @@ def save_checkpoint(output: Path, step: int, policy, reference, critic, tokenize
     torch.save({"rng": rng_state(), "generator": generator.get_state()}, staging / f"rng_rank{rank}.pt")
     barrier()
     if rank == 0:
-        _unwrap(policy).save_pretrained(staging / "policy")
-        tokenizer.save_pretrained(staging / "policy")
-        if save_reference:
-            reference.save_pretrained(staging / "reference")
-        save_critic(_unwrap(critic), staging / "critic", config.share_trunk)
+        with quiet_transformers():  # every model folder loads on its own: weights and tokenizer
+            _unwrap(policy).save_pretrained(staging / "policy")
+            tokenizer.save_pretrained(staging / "policy")
+            if save_reference:
+                reference.save_pretrained(staging / "reference")
+                tokenizer.save_pretrained(staging / "reference")
+            save_critic(_unwrap(critic), staging / "critic", config.share_trunk, tokenizer)
         torch.save({"optimizers": [o.state_dict() for o in optimizers],
                     "schedulers": [s.state_dict() for s in schedulers]}, staging / "optimizers.pt")
         (staging / "curriculum.json").write_text(json.dumps(curriculum.state_dict() if curriculum else None))

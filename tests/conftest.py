@@ -13,6 +13,17 @@ if not torch.cuda.is_available():
 from stepcoder.sandbox import Sandbox
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_files():
+    """Nothing a test runs may write into the directory the suite runs from (a reference tracer running
+    a test program there once left `scratch.txt` at the repository root)."""
+    caches = {".pytest_cache", ".benchmarks", "__pycache__"}
+    before = set(os.listdir("."))
+    yield
+    stray = set(os.listdir(".")) - before - caches
+    assert not stray, f"the tests left files in {os.getcwd()}: {sorted(stray)}"
+
+
 @pytest.fixture(scope="module")
 def sandbox():
     with Sandbox(workers=2, timeout=1.0) as sb:

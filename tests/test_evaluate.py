@@ -99,3 +99,46 @@ def test_model_samples_are_generated_and_judged(tmp_path):
     assert list(summary["pass@k"]) == ["1"]
     lines = (tmp_path / "out" / "verdicts.jsonl").read_text().splitlines()
     assert len(lines) == 6
+
+
+def test_a_checkpoints_reference_and_policy_are_judged_side_by_side(tmp_path, capsys, monkeypatch):
+    """Before vs after training in one command: both model folders of a checkpoint load on their own
+    (weights and tokenizer) and are judged on the same problems; the critic and a tokenizer-less folder
+    are clear errors naming the folder."""
+    from stepcoder import train
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the trainer on the CPU runs the PyTorch references
+    train.main(["--limit", "4", "--problems_per_step", "2", "--rollouts_per_prompt", "2", "--max_new_tokens", "24",
+                "--sft_steps", "10", "--sandbox_workers", "1", "--total_steps", "1",
+                "--output_dir", str(tmp_path / "run")])
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    reference, policy = str(checkpoint / "reference"), str(checkpoint / "policy")
+    capsys.readouterr()
+    result = evaluate.main(["--model", reference, policy, "--n", "2", "--limit", "3", "--max_new_tokens", "24",
+                            "--temperature", "1.0", "--workers", "1", "--output", str(tmp_path / "out")])
+    assert list(result["models"]) == ["reference", "policy"]
+    for summary, path in zip(result["models"].values(), (reference, policy)):
+        assert summary["num_problems"] == 3 and summary["num_programs"] == 6
+        assert sum(summary["outcomes"].values()) == 6 and summary["config"]["model"] == path
+    table = capsys.readouterr().out.splitlines()
+    header = next(line for line in table if "reference" in line and "policy" in line)
+    assert header.index("reference") < header.index("policy")
+    pass_row = next(line for line in table if line.startswith("pass@1"))
+    assert pass_row.split()[1:] == [f"{100 * s['pass@1']:.1f}%" for s in result["models"].values()]
+    comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [m["path"] for m in comparison["models"].values()] == [reference, policy]
+    for index in range(2):
+        assert len((tmp_path / "out" / f"model-{index}" / "verdicts.jsonl").read_text().splitlines()) == 6
+
+    with pytest.raises(SystemExit, match=r"critic.*not a language model"):
+        evaluate.main(["--model", str(checkpoint / "critic"), "--limit", "1"])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((checkpoint / "reference" / name).read_bytes())
+    with pytest.raises(SystemExit, match="no tokenizer in this directory") as error:
+        evaluate.main(["--model", policy, str(bare), "--limit", "1"])  # checked before the first model runs
+    assert str(error.value).startswith(f"error: --model {bare}: ")
+    done = subprocess.run([sys.executable, "-m", "stepcoder.evaluate", "--model", str(bare), "--limit", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.strip() == str(error.value)

@@ -93,6 +93,24 @@ def test_runtime_error_timeout_memory_output_compile_violation(sandbox):
     assert results[4].tests == [] and "SyntaxError" in results[4].detail
 
 
+def test_compiler_warnings_go_to_the_result_not_the_console(capfd):
+    """SyntaxWarnings from compiling a candidate must not reach the trainer's terminal (the workers inherit
+    its stderr): they are returned, capped, with the verdict."""
+    program = 'x = 1if 1 else 2\ny = x is 1\nz = "\\d"\nprint(x)\n'
+    noisy = "".join(f"a{i} = {i}if 1 else 0\n" for i in range(1000)) + "print(1)\n"
+    with Sandbox(workers=1, timeout=1.0) as sb:  # started here, so the worker writes into capfd's stderr
+        result = sb.run(program, [TestCase("", "1\n")])
+        flood = sb.run(noisy, [TestCase("", "1\n")])
+        clean = sb.run("print(1)\n", [TestCase("", "1\n")])
+    captured = capfd.readouterr()
+    assert "Warning" not in captured.err + captured.out
+    assert result.verdict == "pass" and flood.verdict == "pass"
+    assert any("line 1: SyntaxWarning: invalid decimal literal" in w for w in result.warnings)
+    assert any(w.startswith("line 2: SyntaxWarning") for w in result.warnings)
+    assert any("line 3:" in w and "escape sequence" in w for w in result.warnings)
+    assert len(flood.warnings) == 10 and clean.warnings == []
+
+
 def test_per_test_measurements(sandbox):
     result = sandbox.run("s = sum(i * i for i in range(300000))\nprint(s > 0)\n", [TestCase("", "True\n")])
     test = result.tests[0]

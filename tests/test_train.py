@@ -34,8 +34,12 @@ def run(tmp_path: Path, *extra: str, name: str = "run") -> list[dict]:
     return train.main([*TINY, "--output_dir", str(tmp_path / name), *extra])
 
 
-def test_one_ppo_step_end_to_end(tmp_path):
+def test_one_ppo_step_end_to_end(tmp_path, capfd):
     history = run(tmp_path, "--total_steps", "1")
+    console = capfd.readouterr()
+    for noise in ("Writing model shards", "Loading weights", "loss_type", "Warning"):  # transformers', compilers'
+        assert noise not in console.err + console.out, noise
+    assert "supervised warm-up: 20 steps" in console.out and "1 steps in" in console.out
     (metrics,) = history
     assert set(REQUIRED) <= set(metrics)
     assert metrics["step"] == 1 and sum(metrics["outcomes"].values()) == 8

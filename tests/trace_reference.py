@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import sys
+import tempfile
 import threading
 
 FILENAME = "<solution>"
@@ -18,7 +20,18 @@ FILENAME = "<solution>"
 
 def settrace_lines(program: str, stdin: str = "", kind: str = "stdin", entry: str | None = None,
                    args: list | None = None) -> tuple[list[int], str]:
-    """Lines of `program` that ``sys.settrace`` reports as run (all threads), and what it printed."""
+    """Lines of `program` that ``sys.settrace`` reports as run (all threads), and what it printed. It runs
+    in a scratch directory of its own, as in the sandbox: files it writes must not land in the caller's."""
+    with tempfile.TemporaryDirectory() as scratch:
+        home = os.getcwd()
+        os.chdir(scratch)
+        try:
+            return _traced_run(program, stdin, kind, entry, args)
+        finally:
+            os.chdir(home)
+
+
+def _traced_run(program: str, stdin: str, kind: str, entry: str | None, args: list | None) -> tuple[list[int], str]:
     code = compile(program, FILENAME, "exec", dont_inherit=True)
     lines: set[int] = set()
 

@@ -12,7 +12,6 @@
 
 #include "landlock.h"
 #include "seccomp_filter.h"
-#include "unique_fd.h"
 
 namespace sandbox {
 namespace {
@@ -46,7 +45,9 @@ bool drop_privileges(uid_t uid, gid_t gid) {
 }  // namespace
 
 const char* isolate_child(const ChildSpec& spec) noexcept {
-  if (setpgid(0, 0) != 0) return "setpgid";
+  // A session of its own, so no controlling terminal: /dev/tty cannot be opened (nor, with it, the
+  // trainer's terminal). It also leads its own process group, which the supervisor kills as a whole.
+  if (setsid() < 0) return "setsid";
   if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) return "PR_SET_PDEATHSIG";
   const int targets[] = {spec.stdin_fd, spec.stdout_fd, spec.stderr_fd, spec.result_fd};
   for (int target = 0; target < 4; ++target) {
@@ -55,10 +56,9 @@ const char* isolate_child(const ChildSpec& spec) noexcept {
   if (!close_inherited_fds(spec.keep_fds)) return "close_range";
   if (chdir(spec.workdir.c_str()) != 0) return "chdir";
   if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return "PR_SET_NO_NEW_PRIVS";
-  if (spec.landlock) {
-    UniqueFd cwd(open(".", O_PATH | O_DIRECTORY | O_CLOEXEC));
-    if (!cwd) return "open(workdir)";
-    if (const char* failed = restrict_writes_to(cwd.get())) return failed;
+  if (spec.landlock_ruleset >= 0) {
+    if (const char* failed = landlock_restrict_self(spec.landlock_ruleset)) return failed;
+    if (close(spec.landlock_ruleset) != 0) return "close(landlock ruleset)";
   }
   if (const char* failed = apply_limits(spec.limits)) return failed;
   if (spec.drop_privileges && !drop_privileges(spec.uid, spec.gid)) return "setresuid";

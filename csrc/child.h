@@ -21,12 +21,12 @@ struct ChildSpec {
   bool drop_privileges = false;  // switch to uid/gid (the worker is root)
   uid_t uid = 0;
   gid_t gid = 0;
-  bool landlock = false;
+  int landlock_ruleset = -1;     // the worker's Landlock ruleset (kept open, >= 4), or -1 for none
   bool seccomp = false;
 };
 
-// Applies the spec to the calling (freshly forked) process in a fixed order: own process group,
-// parent-death signal, fds, cwd, Landlock, rlimits, uid/gid, seccomp last. Returns nullptr, or the name
+// Applies the spec to the calling (freshly forked) process in a fixed order: own session and group,
+// parent-death signal, fds, cwd, Landlock (then its ruleset fd is closed), rlimits, uid/gid, seccomp last. Returns nullptr, or the name
 // of the step that failed (errno set); the caller must then exit without running the program.
 const char* isolate_child(const ChildSpec& spec) noexcept;
 

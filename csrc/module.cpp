@@ -17,6 +17,7 @@
 #include "namespaces.h"
 #include "seccomp_filter.h"
 #include "supervisor.h"
+#include "test_dir.h"
 #include "unique_fd.h"
 
 namespace py = pybind11;
@@ -58,9 +59,12 @@ std::string read_setup_report(int fd) {
 py::dict run_child(const py::function& body, const std::string& workdir, int stdin_fd, int stdout_fd, int stderr_fd,
                    int result_fd, std::vector<int> keep_fds, double timeout, uint64_t memory_bytes,
                    uint64_t cpu_seconds, uint64_t file_size_bytes, uint64_t open_files, uint64_t processes,
-                   bool drop_privileges, uint32_t uid, uint32_t gid, bool landlock, bool seccomp) {
+                   bool drop_privileges, uint32_t uid, uint32_t gid, int landlock_ruleset, bool seccomp) {
   for (int fd : {stdin_fd, stdout_fd, stderr_fd, result_fd}) {
     if (fd < 4) throw py::value_error("run_child: stdio and result fds must be >= 4, got " + std::to_string(fd));
+  }
+  if (landlock_ruleset >= 0 && landlock_ruleset < 4) {
+    throw py::value_error("run_child: the Landlock ruleset fd must be >= 4 (or -1 for none)");
   }
   if (!(timeout > 0)) throw py::value_error("run_child: timeout must be positive");
   int setup_pipe[2];
@@ -76,10 +80,11 @@ py::dict run_child(const py::function& body, const std::string& workdir, int std
   spec.result_fd = result_fd;
   spec.keep_fds = std::move(keep_fds);
   spec.keep_fds.push_back(setup_write.get());
+  if (landlock_ruleset >= 0) spec.keep_fds.push_back(landlock_ruleset);
   spec.drop_privileges = drop_privileges;
   spec.uid = uid;
   spec.gid = gid;
-  spec.landlock = landlock;
+  spec.landlock_ruleset = landlock_ruleset;
   spec.seccomp = seccomp;
 
   const long long start_ns = monotonic_ns();
@@ -114,20 +119,18 @@ py::dict run_child(const py::function& body, const std::string& workdir, int std
 py::dict namespaces(const std::string& work_root) {
   const NamespaceState state = enter_worker_namespaces(work_root);
   return py::dict("user"_a = state.user, "net"_a = state.net, "mount"_a = state.mount,
-                  "readonly_root"_a = state.readonly_root, "pid"_a = state.pid, "ipc"_a = state.ipc,
-                  "uts"_a = state.uts, "pid_init"_a = state.pid_init,
+                  "readonly_root"_a = state.readonly_root, "pid"_a = state.pid, "fresh_proc"_a = state.fresh_proc,
+                  "ipc"_a = state.ipc, "uts"_a = state.uts,
                   "refused"_a = state.refused.empty() ? py::object(py::none()) : py::object(py::str(state.refused)));
 }
 
-void line_trace(const py::list& codes, const py::buffer& bitmap) {
-  py::buffer_info info = bitmap.request(true);
+void line_trace(const py::list& codes, int monitoring_tool) {
   std::vector<PyObject*> pointers;
   for (const py::handle code : codes) {
     if (!PyCode_Check(code.ptr())) throw py::type_error("start_line_trace: codes must be code objects");
     pointers.push_back(code.ptr());
   }
-  start_line_trace(std::move(pointers), static_cast<unsigned char*>(info.ptr), static_cast<size_t>(info.size),
-                   bitmap.ptr());
+  start_line_trace(pointers, monitoring_tool);
 }
 
 }  // namespace
@@ -153,13 +156,37 @@ PYBIND11_MODULE(_sandbox, m) {
       "What this kernel and identity allow, probed without changing the calling process. A worker's "
       "active layers (namespaces included) are reported by stepcoder.sandbox.Sandbox.capabilities().");
   m.def("enter_worker_namespaces", &sandbox::namespaces, "work_root"_a,
-        "Move this (single-threaded) worker into new namespaces once; returns which are active.");
+        "Move this (single-threaded) worker into new namespaces once; returns which are active. With a PID "
+        "namespace the caller returns as PID 1 inside it, and the original process stays behind as a shim.");
+  m.def(
+      "landlock_ruleset",
+      [](const std::string& test_dir, std::vector<std::string> read, std::vector<std::string> read_write,
+         std::vector<std::string> list) {
+        return sandbox::build_landlock_ruleset({test_dir, std::move(read), std::move(read_write), std::move(list)});
+      },
+      "test_dir"_a, "read"_a, "read_write"_a, "list"_a,
+      "A Landlock ruleset fd: full access beneath test_dir, reading beneath `read`, read+write of the "
+      "`read_write` files, listing (only) the `list` directories, nothing else.");
+  m.def(
+      "mount_test_dir",
+      [](const std::string& path, uint32_t uid, uint32_t gid, uint64_t size_bytes, uint64_t inodes) {
+        sandbox::mount_test_dir(path, uid, gid, {size_bytes, inodes});
+      },
+      "path"_a, "uid"_a, "gid"_a, "size_bytes"_a, "inodes"_a, "A fresh tmpfs on `path` for one test.");
+  m.def("unmount_test_dir", &sandbox::unmount_test_dir, "path"_a, "Detach the test's tmpfs.");
+  m.def("make_read_only", &sandbox::make_read_only, "path"_a, "Remount the mount at `path` read-only.");
+  m.def("empty_directory", &sandbox::empty_directory, "path"_a,
+        "Delete everything below `path`, iteratively (any depth), never following links.");
+  m.def("reset_line_bitmap", &sandbox::reset_line_bitmap, "size"_a,
+        "A fresh shared bitmap of `size` lines, held in C state (refused once tracing started here).");
+  m.def("executed_lines", &sandbox::executed_lines, "The line numbers marked in the bitmap.");
   m.def("run_child", &sandbox::run_child, "body"_a, py::kw_only(), "workdir"_a, "stdin_fd"_a, "stdout_fd"_a,
         "stderr_fd"_a, "result_fd"_a, "keep_fds"_a, "timeout"_a, "memory_bytes"_a, "cpu_seconds"_a,
-        "file_size_bytes"_a, "open_files"_a, "processes"_a, "drop_privileges"_a, "uid"_a, "gid"_a, "landlock"_a,
-        "seccomp"_a,
+        "file_size_bytes"_a, "open_files"_a, "processes"_a, "drop_privileges"_a, "uid"_a, "gid"_a,
+        "landlock_ruleset"_a, "seccomp"_a,
         "Fork one isolated test child that calls `body()` and exits; supervise it to the wall-clock deadline.");
-  m.def("start_line_trace", &sandbox::line_trace, "codes"_a, "bitmap"_a,
-        "C-level line tracer (Python < 3.12): bitmap[line] = 1 for lines of `codes` that run.");
+  m.def("start_line_trace", &sandbox::line_trace, "codes"_a, "monitoring_tool"_a,
+        "In a test child, once: mark the bitmap for every line of `codes` that runs (C trace function "
+        "before 3.12, sys.monitoring LINE events with a C callback from 3.12).");
   m.def("trace_current_thread", &sandbox::trace_current_thread, "Install the line tracer on this thread too.");
 }

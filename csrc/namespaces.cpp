@@ -1,5 +1,7 @@
 #include "namespaces.h"
 
+#include <Python.h>
+
 #include <cerrno>
 #include <csignal>
 #include <cstring>
@@ -48,21 +50,17 @@ bool remount_root_readonly() {
 #endif
 }
 
-// PID 1 of the workers' PID namespace: holds the namespace open and reaps orphans. Never returns.
-[[noreturn]] void run_reaper() {
-  prctl(PR_SET_PDEATHSIG, SIGKILL);
-  prctl(PR_SET_NAME, "stepcoder-init");
+// The process the pool started, once its child is PID 1 of the new namespace: it holds nothing open and
+// only waits, so that the pool's kill or wait on it reaches the worker (which dies with it, and the
+// whole namespace with the worker). Never returns.
+[[noreturn]] void run_shim(pid_t worker) {
+  prctl(PR_SET_NAME, "stepcoder-shim");
   syscall(SYS_close_range, 0U, ~0U, 0U);
-  sigset_t child_signal;
-  sigemptyset(&child_signal);
-  sigaddset(&child_signal, SIGCHLD);
-  sigprocmask(SIG_BLOCK, &child_signal, nullptr);
-  for (;;) {
-    while (waitpid(-1, nullptr, WNOHANG) > 0) {
-    }
-    siginfo_t info;
-    sigwaitinfo(&child_signal, &info);
+  int status = 0;
+  while (waitpid(worker, &status, 0) < 0) {
+    if (errno != EINTR) _exit(1);
   }
+  _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
 }
 
 }  // namespace
@@ -98,12 +96,20 @@ NamespaceState enter_worker_namespaces(const std::string& work_root) {
     state.readonly_root = remount_root_readonly();
     state.mount = mount("stepcoder", work_root.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0711,size=256m") == 0;
   }
-  const pid_t reaper = fork();
-  if (reaper == 0) run_reaper();
-  if (reaper > 0) {
-    state.pid = true;
-    state.pid_init = reaper;
+  PyOS_BeforeFork();
+  const pid_t worker = fork();
+  if (worker > 0) run_shim(worker);
+  if (worker < 0) {
+    PyOS_AfterFork_Parent();
+    state.refused = std::string("fork into the PID namespace: ") + std::strerror(errno);
+    return state;
   }
+  PyOS_AfterFork_Child();
+  if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) throw_errno("PR_SET_PDEATHSIG");
+  state.pid = true;
+  // The mounter's PID namespace decides what a procfs shows; hidepid hides processes of other uids too.
+  state.fresh_proc = state.mount && mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                                          "hidepid=2") == 0;
   return state;
 }
 

@@ -7,6 +7,7 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -25,11 +26,14 @@ constexpr uint32_t kArch = AUDIT_ARCH_AARCH64;
 
 constexpr uint32_t kNrOffset = offsetof(struct seccomp_data, nr);
 constexpr uint32_t kArchOffset = offsetof(struct seccomp_data, arch);
-// Low 32 bits of the first argument: pids and clone flags are ints, the kernel truncates the register.
+// Low 32 bits of the first and second arguments: pids, clone flags and ioctl requests are 32-bit, and
+// the kernel truncates the register.
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 constexpr uint32_t kArg0Low = offsetof(struct seccomp_data, args[0]);
+constexpr uint32_t kArg1Low = offsetof(struct seccomp_data, args[1]);
 #else
 constexpr uint32_t kArg0Low = offsetof(struct seccomp_data, args[0]) + 4;
+constexpr uint32_t kArg1Low = offsetof(struct seccomp_data, args[1]) + 4;
 #endif
 
 constexpr uint32_t kKill = SECCOMP_RET_KILL_PROCESS;
@@ -37,7 +41,8 @@ constexpr uint32_t kAllow = SECCOMP_RET_ALLOW;
 constexpr uint32_t kNoSys = SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA);
 
 // Syscalls no test program needs and every escape uses: new processes and programs, the network,
-// other processes' memory, the kernel's administrative surface, and io_uring (invisible to seccomp).
+// other processes' memory, the kernel's administrative surface, io_uring (invisible to seccomp), and
+// SysV / POSIX message-queue IPC (objects that outlive the program and would carry data to the next job).
 constexpr long kDenied[] = {
     SYS_socket, SYS_socketpair, SYS_execve, SYS_execveat, SYS_ptrace, SYS_process_vm_readv,
     SYS_process_vm_writev, SYS_mount, SYS_umount2, SYS_kexec_load, SYS_bpf, SYS_perf_event_open,
@@ -73,7 +78,15 @@ constexpr long kDenied[] = {
 #ifdef SYS_process_madvise
     SYS_process_madvise,
 #endif
+    SYS_shmget, SYS_shmat, SYS_shmdt, SYS_shmctl, SYS_msgget, SYS_msgsnd, SYS_msgrcv, SYS_msgctl,
+    SYS_semget, SYS_semop, SYS_semctl, SYS_semtimedop, SYS_mq_open, SYS_mq_unlink, SYS_mq_timedsend,
+    SYS_mq_timedreceive, SYS_mq_notify, SYS_mq_getsetattr,
 };
+
+// ioctl requests that act on a terminal beyond the caller: typing into its input queue (TIOCSTI, the
+// classic escape from a sandbox sharing the user's terminal), the console's special functions, and
+// redirecting the console.
+constexpr uint32_t kDeniedIoctls[] = {TIOCSTI, TIOCLINUX, TIOCCONS};
 
 // Syscalls whose first argument is a pid: allowed only for the child itself (or 0 = itself/own group).
 constexpr long kSelfTargeted[] = {SYS_kill, SYS_tgkill, SYS_prlimit64};
@@ -123,6 +136,15 @@ std::vector<sock_filter> build_filter(pid_t self) {
   f.jump_bits_set(CLONE_THREAD, 1, 0);
   f.ret(kKill);
   f.ret(kAllow);
+  // ioctl: every request but the terminal ones above.
+  constexpr uint8_t kIoctls = sizeof(kDeniedIoctls) / sizeof(kDeniedIoctls[0]);
+  f.jump_equal(SYS_ioctl, 0, kIoctls + 3);
+  f.load(kArg1Low);
+  for (uint8_t index = 0; index < kIoctls; ++index) {
+    f.jump_equal(kDeniedIoctls[index], kIoctls - index, 0);  // to the kill below the allow
+  }
+  f.ret(kAllow);
+  f.ret(kKill);
   for (long nr : kSelfTargeted) {
     f.jump_equal(static_cast<uint32_t>(nr), 0, 5);
     f.load(kArg0Low);

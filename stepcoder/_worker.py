@@ -1,25 +1,26 @@
 """A sandbox worker: one small interpreter that forks an isolated child per test.
 
 ``stepcoder.sandbox.Sandbox`` starts each worker with ``posix_spawn`` as
-``python -I -S -B -X utf8 _worker.py CONFIG_JSON`` and talks to it over fd 3
-(length-prefixed pickles; both ends are trusted code). The worker never runs untrusted code itself: it
-compiles the program (a SyntaxError costs no fork), then for each test forks a child through
-``stepcoder._sandbox.run_child``, which applies every isolation layer before calling back into
-``_child_main`` here. The worker only ever holds a test's *input*: expected outputs stay in the
-trainer, which compares, so nothing a child can read from its own memory gives the answer away.
+``python -I -S -B -X utf8 _worker.py CONFIG_JSON`` and talks to it over fd 3 (length-prefixed pickles
+of small control messages; both ends are trusted code). The worker never runs untrusted code, and never
+holds a job's data: the pool puts the program, the test's input and empty stdout/stderr/result files in
+memfds and passes their descriptors over the socket (SCM_RIGHTS); the worker forks a child through
+``stepcoder._sandbox.run_child`` (every isolation layer), which reads and compiles the program itself,
+runs it (``_child_main`` here) and writes into those files, which only the pool reads. So whatever a
+child can find in the memory it inherits holds no earlier program, input or output, and expected
+outputs never leave the pool, which compares.
 
 This file is also imported by the trainer (``stepcoder.sandbox``) for ``canonical``, the one
-encoding of return values that both the child and the comparison use.
+encoding of return values that both the child and the comparison use, and for the framing.
 """
 from __future__ import annotations
 
 import builtins
 import io
 import json
-import mmap
 import os
 import pickle
-import shutil
+import socket
 import stat
 import struct
 import sys
@@ -36,6 +37,16 @@ PRELOADED_MODULES = (
 )
 
 MONITORING_TOOL = 4  # sys.monitoring tool ids 0-2 and 5 are named for debuggers, coverage, profilers, optimizers
+TEST_DIR_BYTES = 64 << 20   # a test's tmpfs: its files together, and
+TEST_DIR_INODES = 16384     # its files, directories and hard links
+# Read-only for test children (Landlock), beside the import directories: shared libraries that extension
+# modules load, the dynamic linker's cache, time zones, CPU topology (BLAS libraries size their threads).
+SYSTEM_READ_PATHS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache",
+                     "/etc/localtime", "/usr/share/zoneinfo", "/sys/devices/system/cpu", "/dev/zero",
+                     "/dev/urandom", "/dev/random")
+HIDDEN_PACKAGES = ("stepcoder", "__editable__")  # site-packages entries children may not read (this package's data)
+SELF_CHECK_LIMITS = {"timeout": 5.0, "memory_bytes": 1 << 30, "cpu_seconds": 6, "output_bytes": 1 << 20,
+                     "open_files": 64, "processes": 64}
 BIG_INT_BITS = 10_000  # above this, ints travel as hex: decimal conversion is capped at 4300 digits
 SANDBOX_UID_BASE = 1_000_000_000  # + worker pid: a uid of its own per worker, so RLIMIT_NPROC is per worker
 HEADER = struct.Struct("<I")
@@ -87,30 +98,39 @@ def canonical(value, depth: int = 0):
 # Framing between the pool and the worker.
 
 
-def read_exact(fd: int, size: int) -> bytes | None:
-    chunks, left = [], size
-    while left:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+MAX_FDS = 8  # descriptors one message may carry
 
 
-def receive(fd: int):
-    header = read_exact(fd, HEADER.size)
-    if header is None:
-        return None
-    body = read_exact(fd, HEADER.unpack(header)[0])
-    return None if body is None else pickle.loads(body)
+def receive(channel: socket.socket) -> tuple[dict | None, list[int]]:
+    """The next message and the descriptors sent with it; (None, []) once the pool has closed."""
+    header, fds, _, _ = socket.recv_fds(channel, HEADER.size, MAX_FDS)
+    if not header:
+        return None, fds
+    while len(header) < HEADER.size:
+        more = channel.recv(HEADER.size - len(header))
+        if not more:
+            return None, fds
+        header += more
+    body = _read_exact(channel, HEADER.unpack(header)[0])
+    return (None if body is None else pickle.loads(body)), fds
 
 
-def send(fd: int, message) -> None:
+def send(channel: socket.socket, message, fds: list[int] | tuple[int, ...] = ()) -> None:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(HEADER.pack(len(body)) + body)
-    while view:
-        view = view[os.write(fd, view):]
+    data = HEADER.pack(len(body)) + body
+    sent = socket.send_fds(channel, [data], list(fds)) if fds else 0  # the descriptors ride on the first bytes
+    channel.sendall(data[sent:])
+
+
+def _read_exact(channel: socket.socket, size: int) -> bytes | None:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        n = channel.recv_into(view[got:])
+        if n == 0:
+            return None
+        got += n
+    return bytes(buffer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,25 +141,16 @@ def _exit_builtin(code=None):
     raise SystemExit(code)
 
 
-def _start_tracing(codes: list, bitmap, sandbox_module) -> None:
-    """Record the program's executed lines into the shared bitmap; the program cannot switch it off.
+def _start_tracing(codes: list, sandbox_module) -> None:
+    """Record the program's executed lines; the program cannot switch it off or write the record.
 
-    The functions that could stop the tracer are replaced by stubs that keep no reference to the
-    originals (which are then freed), so not even a program digging through closures or
-    ``gc.get_objects()`` can reach them.
+    The tracer and the bitmap live in the extension's C state (see line_tracer.h). The Python functions
+    that could stop or redirect it are replaced by stubs that keep no reference to the originals (which
+    are then freed), so not even a program digging through closures or ``gc.get_objects()`` finds them.
     """
+    sandbox_module.start_line_trace(codes, MONITORING_TOOL)
     if sys.version_info >= (3, 12):
         monitoring = sys.monitoring
-        disable, line_event = monitoring.DISABLE, monitoring.events.LINE
-
-        def on_line(code, line):
-            bitmap[line] = 1
-            return disable  # each (code, line) reports once, then runs at full speed
-
-        monitoring.use_tool_id(MONITORING_TOOL, "stepcoder")
-        monitoring.register_callback(MONITORING_TOOL, line_event, on_line)
-        for code in codes:
-            monitoring.set_local_events(MONITORING_TOOL, code, line_event)
         for name in ("use_tool_id", "free_tool_id", "clear_tool_id", "register_callback", "set_events",
                      "set_local_events"):
             if hasattr(monitoring, name):
@@ -147,7 +158,6 @@ def _start_tracing(codes: list, bitmap, sandbox_module) -> None:
         return
     import threading
 
-    sandbox_module.start_line_trace(codes, bitmap)
     sys.settrace = _refuse_settrace
     threading.settrace = _refuse_settrace
     threading._trace_hook = _trace_new_thread  # threading passes it to sys.settrace in each new thread
@@ -169,14 +179,13 @@ def _refuse_monitoring(*args, **kwargs):
     raise ValueError("sys.monitoring is reserved by the stepcoder sandbox's line tracer")
 
 
-def _run_program(job: dict, test_input):
+def _run_program(kind: str, entry: str | None, code, setup, test_input) -> dict:
     """Runs the program for one test. Returns the report the supervisor classifies."""
-    kind, entry = job["kind"], job["entry"]
     namespace = {"__name__": "__main__" if kind == "stdin" else "__solution__", "__builtins__": builtins}
     try:
-        if job["setup"] is not None:
-            exec(job["setup"], namespace)
-        exec(job["code"], namespace)
+        if setup is not None:
+            exec(setup, namespace)
+        exec(code, namespace)
         if kind == "stdin":
             if entry is not None:
                 _lookup(namespace, entry)()
@@ -210,7 +219,16 @@ def _lookup(namespace: dict, name: str):
     return namespace[name]
 
 
-def _child_main(job: dict, test_input, sandbox_module) -> None:
+def _read_all(fd: int) -> bytes:
+    """A memfd the pool wrote (and sealed), read from the start; then closed."""
+    try:
+        return os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+
+
+def _child_main(job: dict, sandbox_module) -> None:
+    """The test child, isolated: compile the program, run it, report on fd 3, exit."""
     # A home, a temp dir and a user name of its own: without them libraries ask NSS, which opens a socket.
     here = os.getcwd()
     os.environ.update(HOME=here, TMPDIR=here, USER="sandbox", LOGNAME="sandbox")
@@ -222,9 +240,24 @@ def _child_main(job: dict, test_input, sandbox_module) -> None:
                               errors="backslashreplace", line_buffering=True)
     sys.stdout = sys.__stdout__ = stdout
     sys.stderr = sys.__stderr__ = stderr
-    if job["trace"]:
-        _start_tracing(job["codes"], job["bitmap"], sandbox_module)
-    report = _run_program(job, test_input)
+    kind = job["kind"]
+    source = _read_all(job["program_fd"]).decode("utf-8", "surrogatepass")
+    payload = _read_all(job["input_fd"])
+    try:
+        code, compiler_warnings = compile_quietly(source, "<solution>")
+    except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as error:
+        report = {"status": "compile_error", "detail": f"{type(error).__name__}: {error}"[:500]}
+    else:
+        setup = compile_quietly(job["setup"], "<setup>")[0] if job["setup"] else None
+        if kind == "assert":
+            test_input = compile_quietly(payload.decode("utf-8"), "<test>")[0]
+        else:
+            test_input = pickle.loads(payload) if kind in ("function", "method") else None
+        del source, payload
+        if job["trace"]:
+            _start_tracing(_code_objects(code), sandbox_module)
+        report = _run_program(kind, job["entry"], code, setup, test_input)
+        report["warnings"] = compiler_warnings
     for stream in (stdout, stderr):
         try:
             stream.flush()
@@ -248,6 +281,8 @@ def _child_main(job: dict, test_input, sandbox_module) -> None:
 
 
 class Worker:
+    """Set up once (namespaces, Landlock ruleset, preloaded modules); then one child per test message."""
+
     def __init__(self, config: dict):
         self.sandbox = _load_extension(config["extension"])
         self.work_root = config["work_root"]
@@ -255,46 +290,89 @@ class Worker:
         sys.path.extend(config["site_dirs"])
         for name in PRELOADED_MODULES:
             __import__(name)
+        import_dirs = [os.path.abspath(entry) for entry in sys.path if entry and os.path.isdir(entry)]
+        sandbox_uid = SANDBOX_UID_BASE + os.getpid()  # the host pid: inside a PID namespace we become 1
         self.namespaces = (self.sandbox.enter_worker_namespaces(self.work_root) if config["namespaces"] else
                            {"user": False, "net": False, "mount": False, "readonly_root": False, "pid": False,
-                            "ipc": False, "uts": False, "pid_init": -1, "refused": "turned off (namespaces=False)"})
+                            "fresh_proc": False, "ipc": False, "uts": False,
+                            "refused": "turned off (namespaces=False)"})
         probe = self.sandbox.capabilities()
         self.drop_privileges = probe["root"] and not self.namespaces["user"]
-        self.uid, self.gid = ((SANDBOX_UID_BASE + os.getpid(),) * 2 if self.drop_privileges else
-                              (os.geteuid(), os.getegid()))
-        self.landlock = probe["landlock_abi"] > 0
-        self.seccomp = probe["seccomp"]
+        self.uid, self.gid = (sandbox_uid,) * 2 if self.drop_privileges else (os.geteuid(), os.getegid())
         self.refused: dict[str, str] = {}
+        self.test_dir = os.path.join(self.work_root, "test")
+        os.mkdir(self.test_dir, 0o700)
+        if self.drop_privileges:
+            os.chown(self.test_dir, self.uid, self.gid)
+        self.test_tmpfs = self.namespaces["mount"] and self._tmpfs_works()
+        if self.test_tmpfs:  # writes beneath the worker's tmpfs: only inside each test's own tmpfs
+            self.sandbox.make_read_only(self.work_root)
+        self.landlock_ruleset = self._landlock_ruleset(import_dirs, config["site_dirs"]) \
+            if probe["landlock_abi"] > 0 else -1
+        self.seccomp = probe["seccomp"]
         self.keep_fds = self._keep_imports_reachable() if self.drop_privileges else []
-        self.stdin, self.stdout, self.stderr, self.result = (os.memfd_create(name) for name in
-                                                             ("stdin", "stdout", "stderr", "result"))
-        self.tests_run = 0
-        self.job: dict | None = None
-        self.limits: dict = {"timeout": 5.0, "memory_bytes": 1 << 30, "cpu_seconds": 6, "output_bytes": 1 << 20,
-                             "open_files": 64, "processes": 64}
         self._self_check()
+
+    def _tmpfs_works(self) -> bool:
+        try:
+            self.sandbox.mount_test_dir(self.test_dir, self.uid, self.gid, TEST_DIR_BYTES, TEST_DIR_INODES)
+            self.sandbox.unmount_test_dir(self.test_dir)
+        except OSError as error:
+            self.refused["test_tmpfs"] = str(error)
+            return False
+        return True
+
+    def _landlock_ruleset(self, import_dirs: list[str], site_dirs: list[str]) -> int:
+        """Reads: the import directories (of site-packages, every entry but this package's), system
+        libraries and a few files Python and its extension modules open; writes: the test directory."""
+        sites = {os.path.abspath(d) for d in site_dirs}
+        read = [d for d in import_dirs if d not in sites]
+        for site_dir in sorted(sites & set(import_dirs)):
+            read += [os.path.join(site_dir, name) for name in sorted(os.listdir(site_dir))
+                     if not name.startswith(HIDDEN_PACKAGES)]
+        try:
+            # Landlock ignores a rule on a mount point: with a tmpfs per test, the rule goes one level up.
+            writable = self.work_root if self.test_tmpfs else self.test_dir
+            return self.sandbox.landlock_ruleset(writable, read + list(SYSTEM_READ_PATHS), ["/dev/null"],
+                                                 sorted(sites))
+        except OSError as error:
+            self.refused["landlock"] = str(error)
+            return -1
 
     def _self_check(self) -> None:
         """Forks one empty child with every layer on; a layer the kernel or container refuses is
         switched off (and reported) rather than failing every test."""
-        switches = {"landlock": "landlock", "seccomp": "seccomp", "setresuid": "drop_privileges"}
-        while True:
-            error = self._fork(lambda: None)["setup_error"]
-            if error is None:
-                return
-            layer = next((attr for step, attr in switches.items() if step in error and getattr(self, attr)), None)
-            if layer is None:
-                raise RuntimeError(f"a sandbox child could not be set up: {error}")
-            setattr(self, layer, False)
-            self.refused[layer] = error
+        streams = [os.memfd_create(name) for name in ("stdin", "stdout", "stderr", "result")]
+        try:
+            while True:
+                error = self._fork(lambda: None, streams, [], SELF_CHECK_LIMITS)["setup_error"]
+                if error is None:
+                    return
+                if "landlock" in error and self.landlock_ruleset >= 0:
+                    os.close(self.landlock_ruleset)
+                    self.landlock_ruleset = -1
+                    self.refused["landlock"] = error
+                elif "seccomp" in error and self.seccomp:
+                    self.seccomp = False
+                    self.refused["seccomp"] = error
+                elif "setresuid" in error and self.drop_privileges:
+                    self.drop_privileges = False
+                    self.refused["drop_privileges"] = error
+                else:
+                    raise RuntimeError(f"a sandbox child could not be set up: {error}")
+        finally:
+            for fd in streams:
+                os.close(fd)
 
     def layers(self) -> dict:
         return {
             "seccomp": self.seccomp,
-            "landlock": self.landlock,
+            "landlock": self.landlock_ruleset >= 0,
             "rlimits": True,
             "no_new_privs": True,
             "unprivileged_uid": self.drop_privileges,
+            "own_session": True,
+            "test_tmpfs": self.test_tmpfs,
             "namespaces": self.namespaces,
             "refused": self.refused,
             "line_tracer": "sys.monitoring" if sys.version_info >= (3, 12) else "c-trace",
@@ -304,7 +382,7 @@ class Worker:
     def _keep_imports_reachable(self) -> list[int]:
         """Import paths the sandbox uid could not read (a Python under root's mode-700 home) are
         reopened as directory handles and put on sys.path as /proc/self/fd/N: a process may follow
-        its own fd links, and nothing above those directories becomes reachable."""
+        its own fd links, and Landlock keeps everything above those directories unreadable."""
         moved = {}
         for index, entry in enumerate(sys.path):
             if not entry or not os.path.isdir(entry) or _world_readable(entry):
@@ -318,73 +396,45 @@ class Worker:
         sys.path_importer_cache.clear()
         return [int(path.rsplit("/", 1)[1]) for path in moved.values()]
 
-    def handle(self, message: dict):
+    def handle(self, message: dict, fds: list[int]):
         op = message["op"]
-        if op == "load":
-            return self.load(message)
         if op == "test":
-            return self.run_test(message["input"])
-        if op == "finish":
-            return self.finish()
+            return self.run_test(message, fds)
+        if op == "lines":
+            return {"executed_lines": list(self.sandbox.executed_lines())}
         raise ValueError(f"unknown op {op!r}")
 
-    def load(self, message: dict) -> dict:
-        try:
-            code, compiler_warnings = compile_quietly(message["program"], "<solution>")
-        except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as error:
-            return {"compile_error": f"{type(error).__name__}: {error}"}
-        codes = _code_objects(code)
-        last_line = max((line for c in codes for *_, line in c.co_lines() if line), default=0)
-        setup = compile_quietly(message["setup"], "<setup>")[0] if message["setup"] else None
-        self.job = {"code": code, "codes": codes, "setup": setup, "kind": message["kind"], "entry": message["entry"],
-                    "trace": message["trace"], "bitmap": mmap.mmap(-1, last_line + 1)}
-        self.limits = message["limits"]
-        return {"ok": True, "warnings": compiler_warnings}
+    def run_test(self, message: dict, fds: list[int]) -> dict:
+        """One test child. `fds`: program, stdin, stdout, stderr, result and input memfds, which the
+        child reads and writes and the pool reads back; this process never reads or writes them."""
+        if len(fds) != 6:
+            raise ValueError(f"a test needs 6 descriptors, got {len(fds)}")
+        program_fd, stdin_fd, stdout_fd, stderr_fd, result_fd, input_fd = fds
+        if message["first"]:
+            self.sandbox.reset_line_bitmap(message["lines"])
+        job = {"kind": message["kind"], "entry": message["entry"], "setup": message["setup"],
+               "trace": message["trace"], "program_fd": program_fd, "input_fd": input_fd}
+        return self._fork(lambda: _child_main(job, self.sandbox), (stdin_fd, stdout_fd, stderr_fd, result_fd),
+                          [program_fd, input_fd], message["limits"])
 
-    def run_test(self, test_input) -> dict:
-        job, limits = self.job, self.limits
-        if job["kind"] == "assert":
-            try:
-                test_input = compile_quietly(test_input, "<test>")[0]
-            except (SyntaxError, ValueError) as error:
-                return {"test_error": f"the test code does not compile: {type(error).__name__}: {error}"}
-        stdin = test_input.encode() if job["kind"] == "stdin" else b""
-        for fd in (self.stdin, self.stdout, self.stderr, self.result):
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-        os.write(self.stdin, stdin)
-        os.lseek(self.stdin, 0, os.SEEK_SET)
-        outcome = self._fork(lambda: _child_main(job, test_input, self.sandbox))
-        cap = limits["output_bytes"]
-        outcome["stdout"] = os.pread(self.stdout, cap + 1, 0)
-        outcome["stderr"] = os.pread(self.stderr, cap + 1, 0)
-        outcome["result"] = os.pread(self.result, cap + 1, 0)
-        return outcome
-
-    def _fork(self, body) -> dict:
-        limits = self.limits
-        self.tests_run += 1
-        workdir = os.path.join(self.work_root, f"t{self.tests_run}")
-        os.mkdir(workdir, 0o700)
+    def _fork(self, body, streams, extra_fds: list[int], limits: dict) -> dict:
+        """One test child in a fresh test directory, which is gone again when this returns."""
+        if self.test_tmpfs:
+            self.sandbox.mount_test_dir(self.test_dir, self.uid, self.gid, TEST_DIR_BYTES, TEST_DIR_INODES)
         try:
-            if self.drop_privileges:
-                os.chown(workdir, self.uid, self.gid)
+            stdin_fd, stdout_fd, stderr_fd, result_fd = streams
             return self.sandbox.run_child(
-                body, workdir=workdir, stdin_fd=self.stdin, stdout_fd=self.stdout, stderr_fd=self.stderr,
-                result_fd=self.result, keep_fds=self.keep_fds, timeout=limits["timeout"],
+                body, workdir=self.test_dir, stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=stderr_fd,
+                result_fd=result_fd, keep_fds=self.keep_fds + extra_fds, timeout=limits["timeout"],
                 memory_bytes=limits["memory_bytes"], cpu_seconds=limits["cpu_seconds"],
                 file_size_bytes=limits["output_bytes"], open_files=limits["open_files"],
                 processes=limits["processes"], drop_privileges=self.drop_privileges, uid=self.uid, gid=self.gid,
-                landlock=self.landlock, seccomp=self.seccomp)
+                landlock_ruleset=self.landlock_ruleset, seccomp=self.seccomp)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    def finish(self) -> dict:
-        bitmap = self.job["bitmap"]
-        lines = [line for line in range(len(bitmap)) if bitmap[line]]
-        bitmap.close()
-        self.job = None
-        return {"executed_lines": lines}
+            if self.test_tmpfs:
+                self.sandbox.unmount_test_dir(self.test_dir)
+            else:
+                self.sandbox.empty_directory(self.test_dir)
 
 
 def _world_readable(path: str) -> bool:
@@ -425,7 +475,7 @@ def _load_extension(path: str):
 
 
 def main() -> None:
-    channel = 3
+    channel = socket.socket(fileno=3)
     worker = Worker(json.loads(sys.argv[1]))
     send(channel, {"layers": worker.layers()})
     import gc
@@ -433,18 +483,20 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # keep the forked children's copy-on-write pages untouched by the collector
     try:
-        while (message := receive(channel)) is not None:
+        while True:
+            message, fds = receive(channel)
+            if message is None:
+                break  # the pool closed its end
             try:
-                reply = worker.handle(message)
-            except Exception as error:  # a worker-side failure goes back to the pool, which raises it
+                reply = worker.handle(message, fds)
+            except Exception as error:  # a worker-side failure goes back to the pool, which replaces us
                 reply = {"worker_error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+            finally:
+                for fd in fds:
+                    os.close(fd)
             send(channel, reply)
     except ConnectionError:
-        pass  # the pool went away: its end of the socket closed
-    reaper = worker.namespaces["pid_init"]
-    if reaper > 0:
-        os.kill(reaper, 9)
-        os.waitpid(reaper, 0)
+        pass  # the pool went away
 
 
 if __name__ == "__main__":

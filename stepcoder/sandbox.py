@@ -3,10 +3,12 @@
 The trainer process never forks (fork cost grows with its resident memory, and forking a threaded
 process can deadlock). ``Sandbox`` instead ``posix_spawn``s a few small worker interpreters
 (``stepcoder/_worker.py``) that fork one isolated child per test through the C++ extension
-``stepcoder._sandbox``: seccomp-bpf, rlimits, Landlock, an unprivileged uid when root, namespaces
-where the kernel allows, a wall-clock deadline enforced from outside, output caps, and line tracing
-into shared memory. Expected outputs never leave this process: workers send back what the program
-printed or returned, and the comparison happens here.
+``stepcoder._sandbox``: seccomp-bpf, rlimits, Landlock (reads and writes), an unprivileged uid when
+root, a session of its own, namespaces where the kernel allows (with a fresh /proc and a tmpfs per
+test), a wall-clock deadline enforced from outside, output caps, and line tracing into shared memory.
+Each test's program, input and output files are memfds created here and handed to the worker by
+descriptor, so a worker never holds a job's data. Expected outputs never leave this process: the
+comparison happens here, on what the program printed or returned.
 
     from stepcoder.sandbox import Sandbox, TestCase
     with Sandbox(workers=2, timeout=2.0, memory_mb=1024) as sb:
@@ -15,18 +17,20 @@ printed or returned, and the comparison happens here.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import pickle
 import queue
-import shutil
 import signal
 import site
 import socket
 import sys
 import tempfile
 import threading
+import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +46,8 @@ TAIL_BYTES = 2048          # how much of each test's stdout/stderr a result keep
 C_TRACER_SLOWDOWN = 3.0    # deadlines stretch by this on Python < 3.12 (C trace function, ~3x)
 FLOAT_REL_TOL = 1e-6
 FLOAT_ABS_TOL = 1e-9       # so that 0.0 and 1e-12 compare equal
+FLOAT_INT_LIMIT = 1 << 1024  # ints at least this large have no float: compared exactly
+CANONICAL_DEPTH = 102        # _worker.canonical nests at most this deep
 WORKER_START_TIMEOUT = 60.0
 REPLY_SLACK = 10.0         # seconds a worker may take beyond a test's deadline before it is presumed dead
 
@@ -90,7 +96,7 @@ class SandboxError(RuntimeError):
 
 
 class _WorkerLost(Exception):
-    """A worker died or stopped answering; its job is retried once on a fresh one."""
+    """A worker died, stopped answering or failed; its job is retried once on a fresh one."""
 
 
 @dataclass(frozen=True)
@@ -143,9 +149,10 @@ class Sandbox:
         os.chmod(self._root, 0o711)
         self._spawned = 0
         self._spawn_lock = threading.Lock()
-        self._idle: queue.SimpleQueue[_WorkerProcess] = queue.SimpleQueue()
+        self._idle: queue.SimpleQueue[_WorkerProcess | None] = queue.SimpleQueue()
         self._all: list[_WorkerProcess] = []
         self._closed = False
+        self._broken: str | None = None
         self._finalizer = weakref.finalize(self, _shutdown, self._all, self._root)
         self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stepcoder-sandbox")
         try:
@@ -155,6 +162,11 @@ class Sandbox:
             self.close()
             raise
         self._layers = self._all[0].layers
+        if not self._layers["landlock"]:
+            reason = self._layers["refused"].get("landlock", "this kernel has no Landlock")
+            warnings.warn(f"stepcoder.sandbox: Landlock is unavailable ({reason}), so reads are confined only by "
+                          "the uid: programs can read world-readable files, datasets included", RuntimeWarning,
+                          stacklevel=2)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -220,65 +232,141 @@ class Sandbox:
         return worker
 
     def _judge_with_retry(self, job: _Job) -> Result:
+        """Every path gives the worker back to the pool, or a fresh one in its place: a job that fails
+        in any way must never leave the pool a worker short (the next run would wait forever)."""
         for attempt in range(2):
             worker = self._idle.get()
+            if worker is None:  # the pool could not replace a worker
+                self._idle.put(None)
+                raise SandboxError(f"the sandbox pool is broken: {self._broken}")
             try:
                 result = self._judge(worker, job)
             except _WorkerLost as lost:
-                worker.stop()
-                self._all.remove(worker)
-                self._idle.put(self._spawn())
+                self._replace(worker)
                 if attempt == 1:
                     return Result("runtime_error",
-                                  detail=f"the sandbox worker died twice running this program ({lost})")
+                                  detail=f"the sandbox worker failed twice running this program ({lost})")
                 continue
+            except BaseException:  # bad test data (ValueError) or a child that could not be isolated
+                self._replace(worker)
+                raise
             self._idle.put(worker)
             return result
         raise AssertionError("unreachable")
 
+    def _replace(self, worker: _WorkerProcess) -> None:
+        worker.stop()
+        self._all.remove(worker)
+        try:
+            self._idle.put(self._spawn())
+        except BaseException as error:
+            self._broken = f"{type(error).__name__}: {error}"
+            self._idle.put(None)
+            raise
+
     def _judge(self, worker: _WorkerProcess, job: _Job) -> Result:
+        """Each test: the program, input and empty output files go to the worker as memfds; the child
+        compiles and runs; its outputs are read back here. The worker never holds a job's data."""
         stretch = C_TRACER_SLOWDOWN if self.trace and worker.layers["line_tracer"] == "c-trace" else 1.0
         deadline = self.timeout * stretch
         limits = dict(self._limits, timeout=deadline, cpu_seconds=math.ceil(deadline) + 1)
-        loaded = worker.call({"op": "load", "program": job.program, "kind": job.kind, "entry": job.entry,
-                              "setup": job.setup, "trace": self.trace, "limits": limits}, WORKER_START_TIMEOUT)
-        if "compile_error" in loaded:
-            return Result("compile_error", detail=loaded["compile_error"])
-        tests = []
-        for test in job.tests:
-            raw = worker.call({"op": "test", "input": test.input}, deadline + REPLY_SLACK)
-            tests.append(self._classify(raw, test, job.kind))
-            if tests[-1].verdict != "pass" and self.stop_on_first_failure:
-                break
-        lines = worker.call({"op": "finish"}, REPLY_SLACK)["executed_lines"]
+        message = {"op": "test", "kind": job.kind, "entry": job.entry, "setup": job.setup, "trace": self.trace,
+                   "limits": limits, "lines": _line_count(job.program)}
+        tests: list[TestResult] = []
+        compiler_warnings: list[str] = []
+        with contextlib.ExitStack() as files:
+            program = files.enter_context(_Memfd("program", job.program.encode("utf-8", "surrogatepass")))
+            for index, test in enumerate(job.tests):
+                stdin, payload = _test_payload(job.kind, test)
+                with _Memfd("stdin", stdin) as stdin_fd, _Memfd("stdout") as stdout, _Memfd("stderr") as stderr, \
+                        _Memfd("result") as result, _Memfd("input", payload) as input_fd:
+                    raw = worker.call(dict(message, first=index == 0), deadline + REPLY_SLACK,
+                                      (program.fd, stdin_fd.fd, stdout.fd, stderr.fd, result.fd, input_fd.fd))
+                    cap = self.output_bytes
+                    outputs = (stdout.read(cap + 1), stderr.read(cap + 1), result.read(cap + 1))
+                report = _parse_report(outputs[2]) if len(outputs[2]) < cap else None
+                if report is not None and report.get("status") == "compile_error":
+                    return Result("compile_error", detail=str(report.get("detail"))[:500])
+                if index == 0 and report is not None:
+                    compiler_warnings = _warnings_of(report)
+                tests.append(self._classify(raw, test, job.kind, outputs, report))
+                if tests[-1].verdict != "pass" and self.stop_on_first_failure:
+                    break
+        lines = worker.call({"op": "lines"}, REPLY_SLACK)["executed_lines"] if self.trace else []
         failure = next((t for t in tests if t.verdict != "pass"), None)
         if failure is None:
-            return Result("pass", tests, lines, warnings=loaded["warnings"])
-        return Result(failure.verdict, tests, lines, failure.detail, loaded["warnings"])
+            return Result("pass", tests, lines, warnings=compiler_warnings)
+        return Result(failure.verdict, tests, lines, failure.detail, compiler_warnings)
 
-    def _classify(self, raw: dict, test: TestCase, kind: str) -> TestResult:
-        if raw.get("test_error"):
-            raise ValueError(raw["test_error"])
+    def _classify(self, raw: dict, test: TestCase, kind: str, outputs: tuple[bytes, bytes, bytes],
+                  report: dict | None) -> TestResult:
         if raw["setup_error"] is not None:
             raise SandboxError(f"a test child could not be isolated: {raw['setup_error']}")
-        stdout, stderr, result = raw["stdout"], raw["stderr"], raw["result"]
-        cap = self.output_bytes
-        report = _parse_report(result) if len(result) < cap else None
-        verdict, detail = _verdict(raw, report, kind, stdout, stderr, cap)
+        stdout, stderr, result = outputs
+        verdict, detail = _verdict(raw, report, kind, stdout, stderr, self.output_bytes, len(result))
         if verdict is None:
             verdict, detail = _compare(kind, test, stdout, report)
         return TestResult(verdict, raw["wall_seconds"], raw["cpu_seconds"], raw["max_rss_kb"], _tail(stdout),
                           _tail(stderr), detail)
 
 
-def _verdict(raw: dict, report: dict | None, kind: str, stdout: bytes, stderr: bytes, cap: int):
+class _Memfd:
+    """A memory file for one test: sealed read-only when it carries data for the child (the program, its
+    input), writable and empty for the child's outputs. Closed when the test is done."""
+
+    def __init__(self, name: str, data: bytes | None = None):
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if data is not None else 0))
+        try:
+            if data is not None:
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(self.fd, view, len(data) - len(view)):]
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
+                            fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def read(self, size: int) -> bytes:
+        return os.pread(self.fd, size, 0)
+
+    def __enter__(self) -> _Memfd:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        os.close(self.fd)
+
+
+def _test_payload(kind: str, test: TestCase) -> tuple[bytes, bytes]:
+    """(stdin, input file) of one test: the stdin text, or the pickled arguments, or the test code."""
+    if kind == "stdin":
+        return test.input.encode(), b""
+    if kind == "assert":
+        return b"", test.input.encode()
+    return b"", pickle.dumps(test.input, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _line_count(program: str) -> int:
+    """An upper bound of the program's line numbers plus one (the bitmap's size): Python also breaks
+    lines at a lone carriage return and at form feeds within a line never."""
+    return program.count("\n") + program.count("\r") + 2
+
+
+def _warnings_of(report: dict) -> list[str]:
+    found = report.get("warnings")
+    if type(found) is not list:
+        return []
+    return [text[:_worker.COMPILE_WARNING_CHARS] for text in found[:_worker.MAX_COMPILE_WARNINGS] if type(text) is str]
+
+
+def _verdict(raw: dict, report: dict | None, kind: str, stdout: bytes, stderr: bytes, cap: int, result_size: int):
     """The verdict from how the child ended, or (None, None) when its output decides."""
     sig = raw["signal"]
     if raw["timed_out"] or sig == signal.SIGXCPU:
         return "timeout", "killed at the deadline" if raw["timed_out"] else "CPU time limit"
     if sig == signal.SIGSYS:
         return "violation", "a forbidden system call (seccomp)"
-    if len(stdout) >= cap or len(stderr) >= cap or (report is None and len(raw["result"]) >= cap):
+    if len(stdout) >= cap or len(stderr) >= cap or (report is None and result_size >= cap):
         return "output_limit", f"output reached the {cap}-byte cap"
     if report is not None and report.get("status") == "memory":
         return "memory_limit", "MemoryError"
@@ -290,7 +378,7 @@ def _verdict(raw: dict, report: dict | None, kind: str, stdout: bytes, stderr: b
             return None, None  # os._exit(0): what it printed still has to be right
         return "runtime_error", f"exited with code {raw['exit_code']} before finishing"
     if report.get("status") != "ok":
-        return "runtime_error", report.get("detail")
+        return "runtime_error", str(report.get("detail"))[:500]
     return None, None
 
 
@@ -303,6 +391,8 @@ def _compare(kind: str, test: TestCase, stdout: bytes, report: dict | None) -> t
         return "wrong_answer", "stdout differs from the expected output"
     if report is None or "value" not in report:
         return "runtime_error", "no return value was reported"
+    if not well_formed(report["value"]):  # the program can write its own report on the result fd
+        return "runtime_error", "malformed return-value report"
     if values_equal(report["value"], _worker.canonical(test.expected)):
         return "pass", None
     return "wrong_answer", f"returned {json.dumps(report['value'])[:200]}"
@@ -316,6 +406,31 @@ def _lines(text: str) -> list[str]:
     return lines
 
 
+def well_formed(value, depth: int = 0) -> bool:
+    """Whether `value` is a ``canonical`` encoding (JSON as the child's report carries it), so that the
+    comparison below cannot raise on whatever a program wrote to its result fd instead."""
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str):
+        return True
+    if depth > CANONICAL_DEPTH:
+        return False
+    if kind is list:
+        return all(well_formed(item, depth + 1) for item in value)
+    if kind is not dict or len(value) != 1:
+        return False
+    (tag, body), = value.items()
+    if tag in ("__int__", "__bytes__", "__repr__"):
+        return type(body) is str
+    if tag == "__complex__":
+        return type(body) is list and len(body) == 2 and all(type(part) in (int, float) for part in body)
+    if tag == "__set__":
+        return type(body) is list and all(well_formed(item, depth + 1) for item in body)
+    if tag == "__dict__":
+        return type(body) is list and all(type(pair) is list and len(pair) == 2
+                                          and all(well_formed(part, depth + 1) for part in pair) for pair in body)
+    return False
+
+
 def values_equal(actual, expected) -> bool:
     """Structural equality of two ``canonical`` encodings: floats within 1e-6 relative, tuples equal
     lists (both encode as lists), bools equal 0 and 1 (as in Python, and as Codewars-style tests
@@ -323,6 +438,8 @@ def values_equal(actual, expected) -> bool:
     if type(actual) in (bool, int, float) and type(expected) in (bool, int, float):
         if type(actual) is not float and type(expected) is not float:
             return actual == expected
+        if _beyond_float(actual) or _beyond_float(expected):
+            return actual == expected  # exact in Python, where float() of such an int would overflow
         if math.isnan(actual) or math.isnan(expected):
             return math.isnan(actual) and math.isnan(expected)
         return math.isclose(actual, expected, rel_tol=FLOAT_REL_TOL, abs_tol=FLOAT_ABS_TOL)
@@ -336,6 +453,10 @@ def values_equal(actual, expected) -> bool:
             return _unordered_equal(actual[tag], expected[tag])
         return actual == expected
     return type(actual) is type(expected) and actual == expected
+
+
+def _beyond_float(number) -> bool:
+    return type(number) is int and abs(number) >= FLOAT_INT_LIMIT
 
 
 def _unordered_equal(actual: list, expected: list) -> bool:
@@ -440,30 +561,20 @@ class _WorkerProcess:
             raise SandboxError(f"a sandbox worker failed to start ({lost}); see its stderr above") from None
         self.layers = hello["layers"]
 
-    def call(self, message: dict | None, timeout: float) -> dict:
-        """Sends `message` (None: only receive) and waits for the reply."""
+    def call(self, message: dict | None, timeout: float, fds: tuple[int, ...] = ()) -> dict:
+        """Sends `message` (None: only receive) with `fds`, and waits at most `timeout` for the reply."""
         self.sock.settimeout(timeout)
         try:
             if message is not None:
-                body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-                self.sock.sendall(_worker.HEADER.pack(len(body)) + body)
-            (size,) = _worker.HEADER.unpack(self._receive(_worker.HEADER.size))
-            reply = pickle.loads(self._receive(size))
-        except (OSError, EOFError) as error:
+                _worker.send(self.sock, message, fds)
+            reply, _ = _worker.receive(self.sock)
+        except OSError as error:
             raise _WorkerLost(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__) from None
-        if "worker_error" in reply:
-            raise SandboxError(f"sandbox worker error: {reply['worker_error']}\n{reply['traceback']}")
+        if reply is None:
+            raise _WorkerLost("the worker closed its socket")
+        if "worker_error" in reply:  # e.g. cleanup after a hostile program: a fresh worker takes over
+            raise _WorkerLost(f"sandbox worker error: {reply['worker_error']}")
         return reply
-
-    def _receive(self, size: int) -> bytes:
-        buffer = bytearray(size)
-        view, got = memoryview(buffer), 0
-        while got < size:
-            n = self.sock.recv_into(view[got:])
-            if n == 0:
-                raise EOFError("the worker closed its socket")
-            got += n
-        return bytes(buffer)
 
     def stop(self) -> None:
         if not self.alive:
@@ -474,7 +585,7 @@ class _WorkerProcess:
             if _wait_pid(self.pid, wait):
                 break
             os.kill(self.pid, signal.SIGKILL)
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        _remove_tree(self.work_dir)
 
 
 def _wait_pid(pid: int, seconds: float | None) -> bool:
@@ -498,5 +609,15 @@ def _shutdown(workers: list[_WorkerProcess], root: str) -> None:
     for worker in list(workers):
         worker.stop()
     workers.clear()
-    shutil.rmtree(root, ignore_errors=True)
+    _remove_tree(root)
+
+
+def _remove_tree(path: str) -> None:
+    """Removes a pool or worker directory whatever a program left in it (shutil.rmtree recurses, and a
+    program can nest directories deeper than Python's recursion limit)."""
+    from stepcoder import _sandbox
+
+    with contextlib.suppress(FileNotFoundError):
+        _sandbox.empty_directory(path)
+        os.rmdir(path)
 

@@ -3,6 +3,7 @@ Triton kernels run under the interpreter, which must be switched on before trito
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -51,3 +52,18 @@ def descendants(pid: int) -> dict[int, str]:
         found[current] = states.get(current, "?")
         stack.extend(children.get(current, []))
     return found
+
+
+def settled(pid: int, seconds: float = 5.0) -> bool:
+    """Whether, within `seconds`, at most one process is left below the worker `pid` (the worker proper,
+    PID 1 of its namespace, below the pool's shim), and no zombie: a job process exits right after its
+    last answer, so it may still be on its way out."""
+    end = time.monotonic() + seconds
+    while True:
+        left = descendants(pid)
+        if len(left) <= 1 and "Z" not in left.values():
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+

@@ -177,10 +177,13 @@ def test_a_killed_worker_is_replaced_and_its_job_still_reported():
 
 def test_capabilities_report_every_layer(sandbox):
     layers = sandbox.capabilities()
-    for name in ("seccomp", "landlock", "rlimits", "no_new_privs", "unprivileged_uid", "namespaces", "line_tracer"):
+    for name in ("seccomp", "landlock", "rlimits", "no_new_privs", "unprivileged_uid", "own_session", "test_tmpfs",
+                 "namespaces", "line_tracer"):
         assert name in layers
-    assert layers["seccomp"] is True  # the CI machines allow it; a refusal here would be a regression
-    assert set(layers["namespaces"]) >= {"user", "net", "mount", "pid"}
+    # The CI machines allow these; a refusal here would be a regression.
+    assert layers["seccomp"] is True and layers["landlock"] is True and layers["test_tmpfs"] is True
+    assert set(layers["namespaces"]) >= {"user", "net", "mount", "pid", "fresh_proc"}
+    assert layers["namespaces"]["fresh_proc"] is True
 
 
 # ------------------------------------------------------------------------------------------------

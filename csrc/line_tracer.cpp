@@ -27,6 +27,7 @@ void mark(long line) {
   if (line > 0 && static_cast<size_t>(line) < state.size) state.bitmap[line] = 1;
 }
 
+#if PY_VERSION_HEX < 0x030C0000
 bool ours(PyFrameObject* frame) {
   PyCodeObject* code = PyFrame_GetCode(frame);
   const bool found = state.codes.count(reinterpret_cast<PyObject*>(code)) != 0;
@@ -34,7 +35,6 @@ bool ours(PyFrameObject* frame) {
   return found;
 }
 
-#if PY_VERSION_HEX < 0x030C0000
 Py_ssize_t trace_lines_offset = -1;  // of PyFrameObject.f_trace_lines, from its member descriptor
 
 int on_event(PyObject*, PyFrameObject* frame, int what, PyObject*) {

@@ -158,6 +158,8 @@ PYBIND11_MODULE(_sandbox, m) {
   m.def("enter_worker_namespaces", &sandbox::namespaces, "work_root"_a,
         "Move this (single-threaded) worker into new namespaces once; returns which are active. With a PID "
         "namespace the caller returns as PID 1 inside it, and the original process stays behind as a shim.");
+  m.def("hide_directory", &sandbox::hide_directory, "path"_a,
+        "In the worker's mount namespace, cover a directory with an empty read-only tmpfs.");
   m.def(
       "landlock_ruleset",
       [](const std::string& test_dir, std::vector<std::string> read, std::vector<std::string> read_write,
@@ -172,8 +174,7 @@ PYBIND11_MODULE(_sandbox, m) {
       [](const std::string& path, uint32_t uid, uint32_t gid, uint64_t size_bytes, uint64_t inodes) {
         sandbox::mount_test_dir(path, uid, gid, {size_bytes, inodes});
       },
-      "path"_a, "uid"_a, "gid"_a, "size_bytes"_a, "inodes"_a, "A fresh tmpfs on `path` for one test.");
-  m.def("unmount_test_dir", &sandbox::unmount_test_dir, "path"_a, "Detach the test's tmpfs.");
+      "path"_a, "uid"_a, "gid"_a, "size_bytes"_a, "inodes"_a, "A tmpfs of its own on the test directory `path`.");
   m.def("make_read_only", &sandbox::make_read_only, "path"_a, "Remount the mount at `path` read-only.");
   m.def("empty_directory", &sandbox::empty_directory, "path"_a,
         "Delete everything below `path`, iteratively (any depth), never following links.");

@@ -113,4 +113,11 @@ NamespaceState enter_worker_namespaces(const std::string& work_root) {
   return state;
 }
 
+void hide_directory(const std::string& path) {
+  if (mount("stepcoder-hidden", path.c_str(), "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            "size=4k,mode=0555") != 0) {
+    throw_errno("mount(tmpfs, " + path + ")");
+  }
+}
+
 }  // namespace sandbox

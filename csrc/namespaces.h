@@ -26,4 +26,8 @@ struct NamespaceState {
 // the worker's own processes. Call before any thread exists and with the GIL held.
 NamespaceState enter_worker_namespaces(const std::string& work_root);
 
+// In the worker's mount namespace: covers the directory `path` with an empty read-only tmpfs, so its
+// test children see nothing there (this package's data in site-packages). Throws on failure.
+void hide_directory(const std::string& path);
+
 }  // namespace sandbox

@@ -76,10 +76,6 @@ void mount_test_dir(const std::string& path, uid_t uid, gid_t gid, const TestDir
   }
 }
 
-void unmount_test_dir(const std::string& path) {
-  if (umount2(path.c_str(), MNT_DETACH) != 0) throw_errno("umount2(" + path + ")");
-}
-
 void empty_directory(const std::string& path) {
   // `names` holds the path from `path` down to the directory being emptied; `current` is open on it.
   std::vector<std::string> names;

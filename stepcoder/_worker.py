@@ -44,7 +44,7 @@ TEST_DIR_INODES = 16384     # its files, directories and hard links
 SYSTEM_READ_PATHS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache",
                      "/etc/localtime", "/usr/share/zoneinfo", "/sys/devices/system/cpu", "/dev/zero",
                      "/dev/urandom", "/dev/random")
-HIDDEN_PACKAGES = ("stepcoder", "__editable__")  # site-packages entries children may not read (this package's data)
+HIDDEN_PACKAGE = "stepcoder"  # site-packages entries children may not read: this package (its data) and its dist-info
 SELF_CHECK_LIMITS = {"timeout": 5.0, "memory_bytes": 1 << 30, "cpu_seconds": 6, "output_bytes": 1 << 20,
                      "open_files": 64, "processes": 64}
 BIG_INT_BITS = 10_000  # above this, ints travel as hex: decimal conversion is capped at 4300 digits
@@ -242,7 +242,11 @@ def _child_main(job: dict, sandbox_module) -> None:
     sys.stderr = sys.__stderr__ = stderr
     kind = job["kind"]
     source = _read_all(job["program_fd"]).decode("utf-8", "surrogatepass")
-    payload = _read_all(job["input_fd"])
+    if kind == "stdin":  # the input is stdin itself
+        os.close(job["input_fd"])
+        payload = b""
+    else:
+        payload = _read_all(job["input_fd"])
     try:
         code, compiler_warnings = compile_quietly(source, "<solution>")
     except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as error:
@@ -304,7 +308,7 @@ class Worker:
         os.mkdir(self.test_dir, 0o700)
         if self.drop_privileges:
             os.chown(self.test_dir, self.uid, self.gid)
-        self.test_tmpfs = self.namespaces["mount"] and self._tmpfs_works()
+        self.test_tmpfs = self.namespaces["mount"] and self._mount_test_tmpfs()
         if self.test_tmpfs:  # writes beneath the worker's tmpfs: only inside each test's own tmpfs
             self.sandbox.make_read_only(self.work_root)
         self.landlock_ruleset = self._landlock_ruleset(import_dirs, config["site_dirs"]) \
@@ -313,23 +317,32 @@ class Worker:
         self.keep_fds = self._keep_imports_reachable() if self.drop_privileges else []
         self._self_check()
 
-    def _tmpfs_works(self) -> bool:
+    def _mount_test_tmpfs(self) -> bool:
+        """A tmpfs of its own for the test directory: its size and inode caps bound what one test can
+        leave there, and so what emptying it after the test costs."""
         try:
             self.sandbox.mount_test_dir(self.test_dir, self.uid, self.gid, TEST_DIR_BYTES, TEST_DIR_INODES)
-            self.sandbox.unmount_test_dir(self.test_dir)
         except OSError as error:
             self.refused["test_tmpfs"] = str(error)
             return False
         return True
 
     def _landlock_ruleset(self, import_dirs: list[str], site_dirs: list[str]) -> int:
-        """Reads: the import directories (of site-packages, every entry but this package's), system
-        libraries and a few files Python and its extension modules open; writes: the test directory."""
+        """Reads: the import directories (not this package's entries in site-packages), system
+        libraries and a few files Python and its extension modules open; writes: the test directory.
+
+        With a mount namespace this package's directories are covered by empty mounts and each
+        site-packages directory is one rule; without, every other entry is a rule of its own (each
+        rule costs every test child time when it restricts itself)."""
         sites = {os.path.abspath(d) for d in site_dirs}
         read = [d for d in import_dirs if d not in sites]
         for site_dir in sorted(sites & set(import_dirs)):
-            read += [os.path.join(site_dir, name) for name in sorted(os.listdir(site_dir))
-                     if not name.startswith(HIDDEN_PACKAGES)]
+            names = sorted(os.listdir(site_dir))
+            hidden = [os.path.join(site_dir, name) for name in names if _ours(name)]
+            if self.namespaces["mount"] and self._hide(hidden):
+                read.append(site_dir)
+            else:
+                read += [os.path.join(site_dir, name) for name in names if not _ours(name)]
         try:
             # Landlock ignores a rule on a mount point: with a tmpfs per test, the rule goes one level up.
             writable = self.work_root if self.test_tmpfs else self.test_dir
@@ -338,6 +351,19 @@ class Worker:
         except OSError as error:
             self.refused["landlock"] = str(error)
             return -1
+
+    def _hide(self, paths: list[str]) -> bool:
+        """Covers the directories among `paths` with empty mounts; False if a file is among them (a
+        file cannot be covered so) or the kernel refuses."""
+        if not all(os.path.isdir(path) for path in paths):
+            return False
+        try:
+            for path in paths:
+                self.sandbox.hide_directory(path)
+        except OSError as error:
+            self.refused["hide_package"] = str(error)
+            return False
+        return True
 
     def _self_check(self) -> None:
         """Forks one empty child with every layer on; a layer the kernel or container refuses is
@@ -397,16 +423,14 @@ class Worker:
         return [int(path.rsplit("/", 1)[1]) for path in moved.values()]
 
     def handle(self, message: dict, fds: list[int]):
-        op = message["op"]
-        if op == "test":
-            return self.run_test(message, fds)
-        if op == "lines":
-            return {"executed_lines": list(self.sandbox.executed_lines())}
-        raise ValueError(f"unknown op {op!r}")
+        if message["op"] != "test":
+            raise ValueError(f"unknown op {message['op']!r}")
+        return self.run_test(message, fds)
 
     def run_test(self, message: dict, fds: list[int]) -> dict:
-        """One test child. `fds`: program, stdin, stdout, stderr, result and input memfds, which the
-        child reads and writes and the pool reads back; this process never reads or writes them."""
+        """One test child. `fds`: program, stdin, stdout, stderr, result and input files, which the
+        child reads and writes and the pool reads back; this process never reads or writes them. The
+        reply carries the lines run so far by this program's tests (the bitmap is reset at its first)."""
         if len(fds) != 6:
             raise ValueError(f"a test needs 6 descriptors, got {len(fds)}")
         program_fd, stdin_fd, stdout_fd, stderr_fd, result_fd, input_fd = fds
@@ -414,13 +438,13 @@ class Worker:
             self.sandbox.reset_line_bitmap(message["lines"])
         job = {"kind": message["kind"], "entry": message["entry"], "setup": message["setup"],
                "trace": message["trace"], "program_fd": program_fd, "input_fd": input_fd}
-        return self._fork(lambda: _child_main(job, self.sandbox), (stdin_fd, stdout_fd, stderr_fd, result_fd),
-                          [program_fd, input_fd], message["limits"])
+        outcome = self._fork(lambda: _child_main(job, self.sandbox), (stdin_fd, stdout_fd, stderr_fd, result_fd),
+                             [program_fd, input_fd], message["limits"])
+        outcome["executed_lines"] = self.sandbox.executed_lines() if message["trace"] else []
+        return outcome
 
     def _fork(self, body, streams, extra_fds: list[int], limits: dict) -> dict:
-        """One test child in a fresh test directory, which is gone again when this returns."""
-        if self.test_tmpfs:
-            self.sandbox.mount_test_dir(self.test_dir, self.uid, self.gid, TEST_DIR_BYTES, TEST_DIR_INODES)
+        """One test child in the test directory, which is empty again when this returns."""
         try:
             stdin_fd, stdout_fd, stderr_fd, result_fd = streams
             return self.sandbox.run_child(
@@ -431,10 +455,11 @@ class Worker:
                 processes=limits["processes"], drop_privileges=self.drop_privileges, uid=self.uid, gid=self.gid,
                 landlock_ruleset=self.landlock_ruleset, seccomp=self.seccomp)
         finally:
-            if self.test_tmpfs:
-                self.sandbox.unmount_test_dir(self.test_dir)
-            else:
-                self.sandbox.empty_directory(self.test_dir)
+            self.sandbox.empty_directory(self.test_dir)
+
+
+def _ours(name: str) -> bool:
+    return name == HIDDEN_PACKAGE or name.startswith(HIDDEN_PACKAGE + "-")
 
 
 def _world_readable(path: str) -> bool:

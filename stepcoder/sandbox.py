@@ -145,6 +145,7 @@ class Sandbox:
                         "processes": processes}
         self._site_dirs = [d for d in site.getsitepackages() if os.path.isdir(d)] if site_packages else []
         self._namespaces = namespaces
+        self._dev_null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # stdin of call-based tests
         self._root = tempfile.mkdtemp(prefix="stepcoder-sandbox-")
         os.chmod(self._root, 0o711)
         self._spawned = 0
@@ -153,7 +154,7 @@ class Sandbox:
         self._all: list[_WorkerProcess] = []
         self._closed = False
         self._broken: str | None = None
-        self._finalizer = weakref.finalize(self, _shutdown, self._all, self._root)
+        self._finalizer = weakref.finalize(self, _shutdown, self._all, self._root, self._dev_null)
         self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stepcoder-sandbox")
         try:
             for _ in range(workers):
@@ -274,15 +275,17 @@ class Sandbox:
                    "limits": limits, "lines": _line_count(job.program)}
         tests: list[TestResult] = []
         compiler_warnings: list[str] = []
-        with contextlib.ExitStack() as files:
-            program = files.enter_context(_Memfd("program", job.program.encode("utf-8", "surrogatepass")))
+        lines: list[int] = []
+        cap = self.output_bytes
+        with _Memfd("program", job.program.encode("utf-8", "surrogatepass")) as program:
             for index, test in enumerate(job.tests):
-                stdin, payload = _test_payload(job.kind, test)
-                with _Memfd("stdin", stdin) as stdin_fd, _Memfd("stdout") as stdout, _Memfd("stderr") as stderr, \
-                        _Memfd("result") as result, _Memfd("input", payload) as input_fd:
+                # One sealed file carries the test's data: stdin for stdin programs, else the input
+                # (arguments, test code), with /dev/null as stdin.
+                data = _Memfd("input", _test_payload(job.kind, test))
+                with data, _Memfd("stdout") as stdout, _Memfd("stderr") as stderr, _Memfd("result") as result:
+                    stdin = data.fd if job.kind == "stdin" else self._dev_null
                     raw = worker.call(dict(message, first=index == 0), deadline + REPLY_SLACK,
-                                      (program.fd, stdin_fd.fd, stdout.fd, stderr.fd, result.fd, input_fd.fd))
-                    cap = self.output_bytes
+                                      (program.fd, stdin, stdout.fd, stderr.fd, result.fd, data.fd))
                     outputs = (stdout.read(cap + 1), stderr.read(cap + 1), result.read(cap + 1))
                 report = _parse_report(outputs[2]) if len(outputs[2]) < cap else None
                 if report is not None and report.get("status") == "compile_error":
@@ -290,9 +293,9 @@ class Sandbox:
                 if index == 0 and report is not None:
                     compiler_warnings = _warnings_of(report)
                 tests.append(self._classify(raw, test, job.kind, outputs, report))
+                lines = raw["executed_lines"]
                 if tests[-1].verdict != "pass" and self.stop_on_first_failure:
                     break
-        lines = worker.call({"op": "lines"}, REPLY_SLACK)["executed_lines"] if self.trace else []
         failure = next((t for t in tests if t.verdict != "pass"), None)
         if failure is None:
             return Result("pass", tests, lines, warnings=compiler_warnings)
@@ -337,13 +340,11 @@ class _Memfd:
         os.close(self.fd)
 
 
-def _test_payload(kind: str, test: TestCase) -> tuple[bytes, bytes]:
-    """(stdin, input file) of one test: the stdin text, or the pickled arguments, or the test code."""
-    if kind == "stdin":
-        return test.input.encode(), b""
-    if kind == "assert":
-        return b"", test.input.encode()
-    return b"", pickle.dumps(test.input, protocol=pickle.HIGHEST_PROTOCOL)
+def _test_payload(kind: str, test: TestCase) -> bytes:
+    """What one test gives the program: the stdin text, the test code, or the pickled arguments."""
+    if kind in ("stdin", "assert"):
+        return test.input.encode()
+    return pickle.dumps(test.input, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _line_count(program: str) -> int:
@@ -605,11 +606,12 @@ def _wait_pid(pid: int, seconds: float | None) -> bool:
         time.sleep(0.01)
 
 
-def _shutdown(workers: list[_WorkerProcess], root: str) -> None:
+def _shutdown(workers: list[_WorkerProcess], root: str, dev_null: int) -> None:
     for worker in list(workers):
         worker.stop()
     workers.clear()
     _remove_tree(root)
+    os.close(dev_null)
 
 
 def _remove_tree(path: str) -> None:

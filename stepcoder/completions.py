@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([A-Za-z0-9_+-]*)[ \t]*$", re.MULTILINE)
 
@@ -40,33 +41,66 @@ def extract_code(completion: str) -> str:
 
 
 def defines_entry(code: str, entry: str | None) -> bool:
-    """Whether `code` defines `entry` (or ``class Solution``) at top level, i.e. stands on its own."""
+    """Whether `code` defines `entry` (or ``class Solution``) at top level — a def, a class, or an
+    assignment (``words_to_sentence = ' '.join``) — i.e. may stand on its own."""
     if entry is None:
         return False
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
+    tree = _parse(code)
+    if tree is None:
         return re.search(rf"^(def\s+{re.escape(entry)}\s*\(|class\s+Solution\b)", code, re.MULTILINE) is not None
-    names = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(target.id for target in targets if isinstance(target, ast.Name))
     return entry in names or "Solution" in names
 
 
-def completion_shift(context: str, completion: str, entry: str | None = None) -> int | None:
-    """Where the completion sits in ``assemble_program``'s program: program index = completion index
-    + shift, for the characters of ``code_span(completion)``. None when the code restated the entry
-    point and stands on its own (the completion is then not a continuation of the context)."""
-    start, end = code_span(completion)
-    if context and defines_entry(completion[start:end], entry):
+def _parse(source: str) -> ast.Module | None:
+    try:
+        with warnings.catch_warnings():  # a program's invalid escapes are its own business
+            warnings.simplefilter("ignore")
+            return ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
-    return len(context) - start
+
+
+def entry_definition(context: str, entry: str | None) -> int | None:
+    """Where the context starts defining `entry` (``def entry(`` or ``class Solution`` at the start of
+    a line): the character offset of that line, or None."""
+    if entry is None:
+        return None
+    found = re.search(rf"^((async\s+)?def\s+{re.escape(entry)}\s*\(|class\s+Solution\b)", context, re.MULTILINE)
+    return found.start() if found else None
+
+
+def assemble(context: str, completion: str, entry: str | None = None) -> tuple[str, int]:
+    """The judged program, and where the completion's code sits in it (program index = completion
+    index + shift, for the characters of ``code_span(completion)``).
+
+    The code continues the context (starter code, CCCS prefix) — unless it restates the entry point and
+    cannot follow the context (the two together do not parse) while the context started defining the
+    entry: then the code replaces that definition, and what the context holds before it (imports,
+    helper functions of a HumanEval prompt or a CCCS prefix) is kept. Code that defines the entry and
+    does follow the context (the rest of a helper, then the entry; a second definition after a
+    finished one) is a plain continuation."""
+    start, end = code_span(completion)
+    code = completion[start:end]
+    keep = len(context)
+    if context and defines_entry(code, entry) and _parse(context + code) is None:
+        definition = entry_definition(context, entry)
+        if definition is not None:
+            keep = definition
+    return context[:keep] + code, keep - start
+
+
+def completion_shift(context: str, completion: str, entry: str | None = None) -> int:
+    """program index = completion index + shift in ``assemble_program``'s program (see ``assemble``)."""
+    return assemble(context, completion, entry)[1]
 
 
 def assemble_program(context: str, completion: str, entry: str | None = None) -> str:
-    """The judged program: the context the model continued (starter code, CCCS prefix) followed by
-    the completion's code — or, when the code restates the entry point, that code on its own after
-    the context's import lines (so ``from typing import List`` in a HumanEval prompt still holds)."""
-    code = extract_code(completion)
-    if context and defines_entry(code, entry):
-        imports = [line for line in context.splitlines() if re.match(r"(import|from)\s+\w", line)]
-        return "".join(line + "\n" for line in imports) + code
-    return context + code
+    """The judged program for a completion generated after `context` (see ``assemble``)."""
+    return assemble(context, completion, entry)[0]

@@ -19,9 +19,10 @@ Token rule (``token_mask``): a token is masked (0) when every statement line its
 never ran; a token touching any line that ran, or only neutral lines, or text outside the program
 (the closing fence, trailing prose, special tokens), is kept (1). A token spanning lines therefore
 is kept if any of its statement lines ran; the first completion token, when the context ends mid-line,
-takes the verdict of that shared line. A program that does not compile, one whose tests never ran,
-and one that restated the entry point instead of continuing the context get the plain action mask
-(all ones).
+takes the verdict of that shared line. A program that does not compile, or one whose tests never
+ran, gets the plain action mask (all ones). An answer that restates the entry point is judged as the
+code before the entry in the context plus the answer (``completions.assemble``), and masked the same
+way.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from bisect import bisect_right
 from types import CodeType
 from typing import Sequence
 
-from stepcoder.completions import code_span, completion_shift
+from stepcoder.completions import assemble, code_span
 
 RAN, NOT_RAN, NEUTRAL = 1, 0, -1
 
@@ -138,14 +139,13 @@ def line_verdicts(program: str, executed_lines: Sequence[int]) -> list[int] | No
 def token_mask(context: str, completion: str, offsets: Sequence[tuple[int, int]], executed_lines: Sequence[int],
                entry: str | None = None, tests_ran: bool = True) -> list[int]:
     """The FGO mask over completion tokens (1 = in the loss). `offsets` are each token's character
-    span in `completion` (``token_offsets``); the judged program is ``assemble_program(context,
-    completion, entry)`` and `executed_lines` its lines that ran, over all tests."""
+    span in `completion` (``token_offsets``); the judged program is ``assemble(context, completion,
+    entry)`` and `executed_lines` its lines that ran, over the tests that ran."""
     keep_all = [1] * len(offsets)
-    shift = completion_shift(context, completion, entry)
-    if not tests_ran or shift is None:
+    if not tests_ran:
         return keep_all
+    program, shift = assemble(context, completion, entry)
     start, end = code_span(completion)
-    program = context + completion[start:end]
     verdicts = line_verdicts(program, executed_lines)
     if verdicts is None:
         return keep_all

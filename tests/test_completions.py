@@ -1,7 +1,7 @@
 """From completions to judged programs, and prompts in plain and chat modes."""
 from __future__ import annotations
 
-from stepcoder.completions import assemble_program, extract_code
+from stepcoder.completions import assemble, assemble_program, extract_code
 from stepcoder.data import Problem, load_builtin
 from stepcoder.prompts import build_prompt
 from stepcoder.sandbox import TestCase
@@ -26,8 +26,28 @@ def test_assemble_program_continues_or_restates():
     context = "from typing import List\n\ndef total(xs: List[int]) -> int:\n"
     assert assemble_program(context, "    return sum(xs)\n```", "total") == context + "    return sum(xs)\n"
     restated = "```python\ndef total(xs):\n    return sum(xs)\n```"
-    assert assemble_program(context, restated, "total") == "from typing import List\ndef total(xs):\n    return sum(xs)\n"
+    assert assemble_program(context, restated, "total") == "from typing import List\n\ndef total(xs):\n    return sum(xs)\n"
     assert assemble_program("", "print(1)\n", None) == "print(1)\n"
+
+
+def test_a_restated_entry_keeps_the_helpers_before_it():
+    """A HumanEval-style prompt defines a helper before the entry: an answer restating only the entry
+    still has it. A CCCS prefix ending inside a helper written before the entry: its continuation
+    defines the entry and is still a continuation."""
+    prompt = "def is_even(n):\n    return n % 2 == 0\n\n\ndef count_even(xs):\n"
+    answer = "def count_even(xs):\n    return sum(is_even(x) for x in xs)\n"
+    program, shift = assemble(prompt, answer, "count_even")
+    assert program == prompt[:prompt.index("def count_even")] + answer and shift == prompt.index("def count_even")
+    documented = prompt + '    """Count the even numbers."""\n'  # a definition that already parses: followed
+    assert assemble(documented, answer, "count_even") == (documented + answer, len(documented))
+    alias = "words_to_sentence = ' '.join\n"  # an entry bound by assignment also restates it
+    assert assemble("def words_to_sentence(words):\n", alias, "words_to_sentence") == (alias, 0)
+    prefix = "import sys\n\ndef helper(n):\n    if n:\n"
+    continuation = "        return 1\n    return 0\n\ndef solve():\n    print(helper(int(input())))\n"
+    assert assemble(prefix, continuation, "solve") == (prefix + continuation, len(prefix))
+    fenced = "Here:\n```python\n" + answer + "```\n"
+    program, shift = assemble(prompt, fenced, "count_even")
+    assert program[fenced.index("def") + shift:].startswith("def count_even(xs):")
 
 
 def test_prompt_ends_inside_a_code_block_with_starter_and_prefix():

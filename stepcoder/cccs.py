@@ -99,10 +99,16 @@ class Curriculum:
     def finished(self, problem: str) -> bool:
         return self.stage(problem) == len(self.stage_prefixes[problem]) - 1
 
-    def record(self, problem: str, passed: bool) -> bool:
-        """Counts one rollout of `problem` at its current stage; returns True when a stage advanced."""
+    def record(self, problem: str, passed: bool, stage: int | None = None) -> bool:
+        """Counts one rollout of `problem`; returns True when a stage advanced.
+
+        `stage` is ``stage(problem)`` when the rollout was generated: a rollout from another stage (the
+        rest of a batch generated before an advance) is ignored, so advancing measures the current
+        subtask and never skips a stage. None means "generated at the current stage"."""
         if problem not in self.stage_prefixes:
             raise KeyError(f"unknown problem {problem!r}")
+        if stage is not None and stage != self.stage(problem):
+            return False
         key = "*" if self.mode == "global" else problem
         recent = self._recent[key]
         recent.append(bool(passed))

@@ -41,9 +41,14 @@ class TrainConfig:
     reward_wrong_answer: float = -0.3
     reward_runtime_error: float = -0.6
     reward_compile_error: float = -1.0
+    truncation_penalty: float = field(default=0.0, metadata={"help": "subtracted from the reward of a response "
+                                                                     "cut at max_new_tokens (TRL: missing_eos_penalty)"})
     # PPO
     learning_rate: float = 1e-5
     critic_learning_rate: float = 5e-5
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "after warm-up: constant, linear or "
+                                                                         "cosine decay to 0 at total_steps"})
+    warmup_steps: int = field(default=10, metadata={"help": "steps of linear learning-rate warm-up"})
     ppo_epochs: int = 2
     num_mini_batches: int = 2
     gradient_accumulation_steps: int = 1
@@ -67,6 +72,9 @@ class TrainConfig:
     cccs_window: int = field(default=8, metadata={"help": "recent rollouts the pass rate is taken over"})
     cccs_mode: str = "per_problem"
     cccs_loops: bool = field(default=False, metadata={"help": "also split at for/while"})
+    fgo_coverage: str = field(default="all_tests", metadata={"help": "lines FGO counts as run: over all unit "
+                                                                      "tests (the paper), or only those up to "
+                                                                      "the first failing test (first_failure)"})
     # sandbox
     sandbox_workers: int = 2
     sandbox_timeout: float = 2.0
@@ -91,12 +99,14 @@ SMALL_MODEL_PRESET = {"sft_steps": 150, "sft_learning_rate": 2e-3, "learning_rat
 
 CHOICES = {"kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
            "report_to": ("none", "tensorboard"), "fused_lm_head": ("auto", "off"),
-           "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None)}
+           "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None),
+           "lr_scheduler_type": ("constant", "linear", "cosine"), "fgo_coverage": ("all_tests", "first_failure")}
 POSITIVE = ("total_steps", "problems_per_step", "rollouts_per_prompt", "max_new_tokens", "generation_batch_size",
             "ppo_epochs", "num_mini_batches", "gradient_accumulation_steps", "cccs_window", "sandbox_workers",
             "sandbox_memory_mb", "sample_every", "save_steps", "save_total_limit", "learning_rate",
             "critic_learning_rate", "sft_learning_rate", "temperature", "sandbox_timeout", "max_grad_norm")
-NON_NEGATIVE = ("sft_steps", "cliprange", "cliprange_value", "kl_coef", "entropy_coef", "seed")
+NON_NEGATIVE = ("sft_steps", "cliprange", "cliprange_value", "kl_coef", "entropy_coef", "seed", "truncation_penalty",
+                "warmup_steps")
 
 
 class ConfigError(ValueError):

@@ -33,6 +33,7 @@ from types import CodeType
 from typing import Sequence
 
 from stepcoder.completions import assemble, code_span
+from stepcoder.detokenize import continuation
 
 RAN, NOT_RAN, NEUTRAL = 1, 0, -1
 
@@ -162,21 +163,8 @@ def token_mask(context: str, completion: str, offsets: Sequence[tuple[int, int]]
     return mask
 
 
-def token_offsets(tokenizer, token_ids: Sequence[int]) -> list[tuple[int, int]]:
-    """Each generated token's character span in ``tokenizer.decode(token_ids)``.
-
-    Fast path: re-encode the decoded text with the fast tokenizer's offset mapping, used when it gives
-    back the same ids (the usual case). Otherwise the spans come from decoding growing prefixes, which
-    is exact for any tokenizer and costs one decode per token."""
-    ids = list(token_ids)
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if list(encoded["input_ids"]) == ids:
-            return [tuple(span) for span in encoded["offset_mapping"]]
-    spans, previous = [], 0
-    for count in range(1, len(ids) + 1):
-        length = len(tokenizer.decode(ids[:count], skip_special_tokens=False))
-        spans.append((min(previous, length), length))
-        previous = max(previous, length)
-    return spans
+def token_offsets(tokenizer, token_ids: Sequence[int], context_ids: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """Each generated token's character span in the text it adds after `context_ids` (the prompt; with
+    none, in ``tokenizer.decode(token_ids)``): see ``stepcoder.detokenize.continuation``, which gives
+    the text too."""
+    return continuation(tokenizer, context_ids, token_ids)[1]

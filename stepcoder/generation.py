@@ -1,14 +1,52 @@
-"""Sampling completions from a local transformers model (evaluation; the trainer has its own rollout)."""
+"""Sampling from a local transformers model: the settings the trainer and evaluate share (one BOS per
+prompt, nothing of the checkpoint's generation_config), model loading and evaluate's sampler."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from stepcoder.prompts import CODE_FENCE
+from stepcoder.detokenize import continuation
+from stepcoder.prompts import STOP_STRING
 
 # Files any one of which makes a directory's tokenizer loadable (fast, SentencePiece, byte-level BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
+
+
+def encode_prompts(tokenizer, texts: Sequence[str]):
+    """Left-padded prompt ids, with one BOS: when a chat template already rendered the BOS token into
+    the text (deepseek-instruct, Llama 3), the tokenizer must not add another."""
+    bos = tokenizer.bos_token
+    rendered = bool(bos) and all(text.startswith(bos) for text in texts)
+    return tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=not rendered)
+
+
+def sampling_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0):
+    """The generation settings, and only these: pure sampling at `temperature` (top_k off; nucleus at
+    `top_p`), greedy at 0. Stops at EOS (the tokenizer's and the checkpoint's) or a fence opening a line.
+    Use with ``only_these_settings``: what the checkpoint's generation_config ships (a repetition
+    penalty, top_k = 50, min_new_tokens) would otherwise fill every field left unset."""
+    from transformers import GenerationConfig
+
+    shipped = model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id, *(shipped if isinstance(shipped, list) else [shipped])} - {None}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
+        else {"do_sample": False}
+    return GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=sorted(eos), stop_strings=[STOP_STRING], **sampling)
+
+
+@contextlib.contextmanager
+def only_these_settings(model, settings) -> Iterator[None]:
+    """While generating, the model's own generation_config is `settings`, so nothing of the shipped one
+    leaks into sampling (transformers fills a passed config's unset fields from the model's)."""
+    shipped = model.generation_config
+    model.generation_config = settings
+    try:
+        yield
+    finally:
+        model.generation_config = shipped
 
 
 def check_model_dir(path: str) -> None:
@@ -52,21 +90,28 @@ def load_model(path: str, device: str | None = None):
 
 def sample(model, tokenizer, prompts: Sequence[str], n: int, temperature: float, top_p: float,
            max_new_tokens: int, batch_size: int) -> Iterator[list[str]]:
-    """For each prompt, in order, its `n` completions (decoded new tokens). Pure sampling when
-    temperature > 0, greedy at 0; batched with the KV cache; stops at the closing fence or EOS."""
+    """For each prompt, in order, its `n` completions (the text the new tokens add, decoded exactly).
+    Pure sampling when temperature > 0; greedy at 0, where the `n` completions are one decoded `n`
+    times (greedy decoding is deterministic). Batched with the KV cache; stops at a closing fence at
+    the start of a line, or EOS. Only these settings apply: the checkpoint's generation_config does not."""
     import torch
 
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-        {"do_sample": False}
-    per_batch = max(1, batch_size // n) if n <= batch_size else 1
+    greedy = temperature == 0
+    copies = 1 if greedy else n
+    settings = sampling_config(model, tokenizer, max_new_tokens, temperature, top_p)
+    special = set(tokenizer.all_special_ids)
+    per_batch = max(1, batch_size // copies) if copies <= batch_size else 1
     for start in range(0, len(prompts), per_batch):
         chunk = list(prompts[start:start + per_batch])
-        encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
-        with torch.inference_mode():
-            output = model.generate(**encoded, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                    pad_token_id=tokenizer.pad_token_id, stop_strings=[CODE_FENCE], tokenizer=tokenizer,
-                                    **sampling)
-        new_tokens = output[:, encoded["input_ids"].shape[1]:]
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        encoded = encode_prompts(tokenizer, chunk).to(model.device)
+        with torch.inference_mode(), only_these_settings(model, settings):
+            output = model.generate(**encoded, generation_config=settings, num_return_sequences=copies,
+                                    tokenizer=tokenizer)
+        width = encoded["input_ids"].shape[1]
         for index in range(len(chunk)):
-            yield texts[index * n:(index + 1) * n]
+            prompt_ids = encoded["input_ids"][index][encoded["attention_mask"][index].bool()].tolist()
+            texts = []
+            for row in output[index * copies:(index + 1) * copies]:
+                new = [token for token in row[width:].tolist() if token not in special]
+                texts.append(continuation(tokenizer, prompt_ids, new)[0])
+            yield texts * n if greedy else texts

@@ -52,25 +52,43 @@ def load_model(path: str, dtype: torch.dtype | None = None):
 
 
 def load_reference(path: str, tokenizer, dtype: torch.dtype | None = None):
-    """The frozen reference model, with embeddings matching the policy's tokenizer (its pad token)."""
+    """The frozen reference model as the policy started: the base checkpoint with its embeddings fitted
+    to the policy's tokenizer by the same deterministic step (``fit_embeddings``)."""
     from transformers import AutoModelForCausalLM
 
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+    fit_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
 def ensure_pad_token(tokenizer, model) -> None:
     """Left padding, and a pad token distinct from EOS (pad = EOS would mask real EOS tokens and
-    teach the model never to stop); a new token grows the embeddings."""
+    teach the model never to stop); a new token grows the embeddings if it needs a row."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        model.resize_token_embeddings(len(tokenizer))
+        fit_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Grows the embeddings (never shrinks them: checkpoints often have more rows than tokens, e.g.
+    deepseek-coder's 32,256 for 32,022, and cutting rows changes every softmax) so every token id has a
+    row. New rows are the mean of the old ones, not random: built twice, the model is the same to the
+    bit, which is how a resumed run rebuilds the reference it did not save."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if layer is None:
+                continue
+            layer.weight[rows:] = layer.weight[:rows].mean(0)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias[rows:] = layer.bias[:rows].mean()
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 from stepcoder.data.problem import Problem
 
 CODE_FENCE = "```"  # every prompt ends inside a ```python block: this closing fence ends the program
+STOP_STRING = "\n" + CODE_FENCE  # generation stops at a fence opening a line (not at one inside a string)
 PLAIN_TEMPLATE = "### Question:\n{question}\n\n### Answer:\n```python\n"
 
 

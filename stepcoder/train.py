@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -33,18 +34,28 @@ import torch
 import torch.distributed as dist
 
 from stepcoder import kernels
-from stepcoder.cccs import Curriculum
+from stepcoder.cccs import Curriculum, prefixes
 from stepcoder.config import ConfigError, TrainConfig, parse_config, to_json
 from stepcoder.data import DataError, Problem, load_problems
-from stepcoder.fgo import token_mask, token_offsets
+from stepcoder.detokenize import continuation
+from stepcoder.fgo import token_mask
+from stepcoder.generation import encode_prompts, only_these_settings, sampling_config
 from stepcoder.kernels.reference import kl_penalty
-from stepcoder.models import (build_default_model, build_default_tokenizer, load_critic, load_model,
-                              load_reference, make_critic, position_ids, quiet_transformers, save_critic,
-                              without_dropout)
-from stepcoder.prompts import CODE_FENCE, build_prompt
+from stepcoder.models import (
+    build_default_model,
+    build_default_tokenizer,
+    load_critic,
+    load_model,
+    load_reference,
+    make_critic,
+    position_ids,
+    quiet_transformers,
+    save_critic,
+    without_dropout,
+)
+from stepcoder.prompts import CODE_FENCE, STOP_STRING, build_prompt
 from stepcoder.sandbox import Sandbox
-
-
+from stepcoder.schedules import learning_rate_factor
 
 # --------------------------------------------------------------------------------------------------
 # Distributed helpers (a single process is world size 1 and every helper is then a no-op).
@@ -91,15 +102,17 @@ class Sample:
     executed_lines: list[int] = dataclasses.field(default_factory=list)
     tests_ran: bool = False
     fgo: list[int] = dataclasses.field(default_factory=list)
+    spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # each code token's text in `completion`
+    truncated: bool = False  # generation hit max_new_tokens
 
 
 def generate(policy, tokenizer, prompts: list[str], config: TrainConfig, device) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) per prompt: pure sampling (top_k 0), stopped by EOS or the fence."""
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    with torch.no_grad():
-        output = policy.generate(**encoded, do_sample=True, temperature=config.temperature, top_p=config.top_p,
-                                 top_k=0, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, stop_strings=[CODE_FENCE], tokenizer=tokenizer)
+    """(prompt ids, response ids) per prompt: pure sampling (top_k 0) with these settings only, stopped
+    by EOS or a fence opening a line."""
+    encoded = encode_prompts(tokenizer, prompts).to(device)
+    settings = sampling_config(policy, tokenizer, config.max_new_tokens, config.temperature, config.top_p)
+    with torch.no_grad(), only_these_settings(policy, settings):
+        output = policy.generate(**encoded, generation_config=settings, tokenizer=tokenizer)
     width = encoded["input_ids"].shape[1]
     pairs = []
     for row, mask in zip(output, encoded["attention_mask"]):
@@ -138,8 +151,11 @@ def collect_rollouts(policy, tokenizer, problems: list[Problem], curriculum: Cur
         chunk = work[begin:begin + config.generation_batch_size]
         for (problem, stage, prefix, _), (prompt_ids, response_ids) in zip(
                 chunk, generate(policy, tokenizer, [item[3] for item in chunk], config, device)):
-            completion = tokenizer.decode(response_ids, skip_special_tokens=True)
-            samples.append(Sample(problem, stage, prefix, prompt_ids, response_ids, completion))
+            completion, spans = continuation(tokenizer, prompt_ids, code_tokens(tokenizer, response_ids))
+            truncated = len(response_ids) >= config.max_new_tokens and response_ids[-1] != tokenizer.eos_token_id \
+                and STOP_STRING not in "\n" + completion  # stopped by the length limit, not by the model
+            samples.append(Sample(problem, stage, prefix, prompt_ids, response_ids, completion, spans=spans,
+                                  truncated=truncated))
             futures.append(sandbox.submit(*problem.job(problem.program(completion, prefix))))
     timings["time_generate_s"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -153,13 +169,18 @@ def collect_rollouts(policy, tokenizer, problems: list[Problem], curriculum: Cur
     return samples
 
 
-def fgo_mask(sample: Sample, tokenizer) -> list[int]:
-    """FGO mask over the response tokens; special tokens (EOS) carry no code and stay in the loss."""
+def code_tokens(tokenizer, response_ids: list[int]) -> list[int]:
+    """The response without special tokens (EOS), which carry no code."""
     special = set(tokenizer.all_special_ids)
-    code_ids = [i for i in sample.response_ids if i not in special]
-    offsets = token_offsets(tokenizer, code_ids)
-    mask = iter(token_mask(sample.problem.context(sample.prefix), sample.completion, offsets, sample.executed_lines,
-                           sample.problem.entry, sample.tests_ran))
+    return [token for token in response_ids if token not in special]
+
+
+def fgo_mask(sample: Sample, tokenizer) -> list[int]:
+    """FGO mask over the response tokens; special tokens (EOS) stay in the loss. The spans are those
+    of the decode that gave ``sample.completion`` (``stepcoder.detokenize.continuation``)."""
+    special = set(tokenizer.all_special_ids)
+    mask = iter(token_mask(sample.problem.context(sample.prefix), sample.completion, sample.spans,
+                           sample.executed_lines, sample.problem.entry, sample.tests_ran))
     return [1 if token in special else next(mask) for token in sample.response_ids]
 
 
@@ -192,7 +213,8 @@ def pad_batch(samples: list[Sample], tokenizer, config: TrainConfig, device) -> 
         attention[row, width - len(prompt):width + len(response)] = 1
         action[row, :len(response)] = 1
         fgo[row, :len(response)] = torch.tensor(sample.fgo, dtype=torch.float)
-    scores = torch.tensor([reward_of(s.verdict, config) for s in samples])
+    scores = torch.tensor([reward_of(s.verdict, config) - (config.truncation_penalty if s.truncated else 0.0)
+                           for s in samples])
     return Batch(ids.to(device), attention.to(device), ids[:, width:].to(device), action.to(device),
                  (action * fgo).to(device), scores.to(device))
 
@@ -322,23 +344,30 @@ def _no_sync(model, last: bool):
 # Supervised warm-up of a fresh model
 
 
-def supervised_warmup(policy, tokenizer, problems: list[Problem], config: TrainConfig, device) -> float:
-    """Cross-entropy on each problem's canonical solution, continued from every CCCS prefix, so the
-    model has seen the prompts it will be given. Returns the last loss."""
-    from stepcoder.cccs import prefixes
-
-    chat = {"auto": None, "on": True, "off": False}[config.chat]
+def warmup_examples(problems: list[Problem], stages: dict[str, list[str]], tokenizer,
+                    chat: bool | None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, target ids) for each problem's canonical solution continued from each of its CCCS
+    prefixes: the prompt with one BOS, the target (the rest of the solution, the closing fence, EOS)
+    with none."""
     examples = []
     for problem in problems:
         if not problem.solutions:
             continue
         solution = problem.solutions[0]
-        for prefix in (prefixes(solution, config.cccs_loops) if not config.no_cccs else [""]):
+        for prefix in stages[problem.id]:
             context = problem.context(prefix)
             target = solution[len(context):] if solution.startswith(context) else solution
-            prompt_ids = tokenizer(build_prompt(problem, prefix, tokenizer, chat))["input_ids"]
-            target_ids = tokenizer(target + CODE_FENCE)["input_ids"] + [tokenizer.eos_token_id]
-            examples.append((prompt_ids, target_ids))
+            prompt_ids = encode_prompts(tokenizer, [build_prompt(problem, prefix, tokenizer, chat)])["input_ids"][0]
+            target_ids = tokenizer(target + CODE_FENCE, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            examples.append((prompt_ids.tolist(), target_ids))
+    return examples
+
+
+def supervised_warmup(policy, tokenizer, problems: list[Problem], stages: dict[str, list[str]], config: TrainConfig,
+                      device) -> float:
+    """Cross-entropy on each problem's canonical solution, continued from every CCCS prefix in `stages`,
+    so the model has seen the prompts it will be given. Returns the last loss."""
+    examples = warmup_examples(problems, stages, tokenizer, {"auto": None, "on": True, "off": False}[config.chat])
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.sft_learning_rate)
     generator = random.Random(config.seed)
     policy.train()
@@ -491,13 +520,16 @@ def step_metrics(step: int, samples: list[Sample], batch: Batch, experience: dic
         for verdict in gathered:
             outcomes[verdict] = outcomes.get(verdict, 0) + 1
     action = batch.action_mask
+    truncated = action.new_tensor(float(sum(s.truncated for s in samples)))
     sums = all_sum(torch.stack([batch.scores.sum(), experience["kl"].sum(), action.sum(),
-                                (action - batch.policy_mask).sum(), action.new_tensor(float(len(samples)))]).double())
-    score, kl, tokens, masked, count = (float(value) for value in sums)
+                                (action - batch.policy_mask).sum(), action.new_tensor(float(len(samples))),
+                                truncated]).double())
+    score, kl, tokens, masked, count, truncated = (float(value) for value in sums)
     metrics = {"step": step, "reward_mean": score / count,
                "pass_rate": outcomes.get("pass", 0) / max(sum(outcomes.values()), 1),
                "kl": kl / max(tokens, 1.0), "response_length_mean": tokens / count,
-               "fgo_masked_frac": masked / max(tokens, 1.0), "outcomes": outcomes}
+               "truncated_frac": truncated / count, "fgo_masked_frac": masked / max(tokens, 1.0),
+               "outcomes": outcomes}
     metrics.update({name: value for name, value in update.items()})
     if curriculum is not None:
         metrics["cccs_stage_mean"] = curriculum.mean_stage()
@@ -551,6 +583,69 @@ def problem_batch(problems: list[Problem], position: int, config: TrainConfig, s
     return chosen[rank * config.problems_per_step:(rank + 1) * config.problems_per_step]
 
 
+def cccs_stages(problems: list[Problem], config: TrainConfig) -> dict[str, list[str]]:
+    """Each problem's CCCS prefixes (longest first, ending with "" for full generation); with --no_cccs,
+    or for a problem without a canonical solution that parses, full generation only (with a warning
+    naming the problem: an APPS solution in Python 2, say)."""
+    stages = {}
+    for problem in problems:
+        stages[problem.id] = [""]
+        if config.no_cccs or not problem.solutions:
+            continue
+        try:
+            stages[problem.id] = prefixes(problem.solutions[0], config.cccs_loops)
+        except (SyntaxError, ValueError) as error:
+            if world()[0] == 0:
+                print(f"warning: {problem.id}: the canonical solution does not parse ({error}); this problem is "
+                      "trained at full generation only", file=sys.stderr)
+    return stages
+
+
+def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str, list[str]],
+                 checkpoint: Path | None, device) -> tuple:
+    """(policy, reference, tokenizer, save_reference). The reference is the starting policy: built once
+    and saved when it is not the base checkpoint as loaded (a warm-up changed it, or the model was built
+    here); otherwise rebuilt on resume from the base checkpoint by the same deterministic steps."""
+    fresh = config.model_name_or_path is None
+    if checkpoint is not None:
+        policy, tokenizer = load_model(str(checkpoint / "policy"))
+        reference_path = checkpoint / "reference" if (checkpoint / "reference").exists() else config.model_name_or_path
+        reference = load_reference(str(reference_path), tokenizer)
+    else:
+        if fresh:
+            tokenizer = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
+            policy = build_default_model(tokenizer, config.seed)
+        else:
+            policy, tokenizer = load_model(config.model_name_or_path)
+        without_dropout(policy).to(device)
+        if config.sft_steps:
+            loss = supervised_warmup(policy, tokenizer, problems, stages, config, device)
+            if world()[0] == 0:
+                print(f"supervised warm-up: {config.sft_steps} steps, final loss {loss:.3f}")
+        reference = copy.deepcopy(policy)
+    policy, reference = without_dropout(policy).to(device), without_dropout(reference).to(device).eval()
+    reference.requires_grad_(False)
+    return policy, reference, tokenizer, fresh or config.sft_steps > 0
+
+
+def check_prompts_fit(model, tokenizer, problems: list[Problem], stages: dict[str, list[str]],
+                      config: TrainConfig) -> None:
+    """Raises DataError naming the problems whose longest prompt (its first CCCS stage) plus
+    max_new_tokens exceeds the model's context: they would be cut off silently mid-generation."""
+    limit = next((getattr(model.config, name) for name in ("max_position_embeddings", "n_positions")
+                  if getattr(model.config, name, None)), None)
+    if limit is None:
+        return
+    chat = {"auto": None, "on": True, "off": False}[config.chat]
+    longest = {p.id: len(encode_prompts(tokenizer, [build_prompt(p, stages[p.id][0], tokenizer, chat)])["input_ids"][0])
+               for p in problems}
+    over = {problem: length for problem, length in longest.items() if length + config.max_new_tokens > limit}
+    if over:
+        examples = ", ".join(f"{problem} ({length} tokens)" for problem, length in list(over.items())[:5])
+        raise DataError(f"{len(over)} prompts do not fit the model's context of {limit} tokens with max_new_tokens "
+                        f"{config.max_new_tokens}: {examples}; lower --max_new_tokens or leave these problems out")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     try:
         config = parse_config(argv)
@@ -581,27 +676,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     checkpoint = find_checkpoint(config)
     started = time.perf_counter()
 
-    # Models: the policy, a frozen reference, and the critic.
-    fresh = config.model_name_or_path is None
-    if checkpoint is not None:
-        policy, tokenizer = load_model(str(checkpoint / "policy"))
-        reference_path = checkpoint / "reference" if (checkpoint / "reference").exists() else config.model_name_or_path
-        reference = load_reference(str(reference_path), tokenizer)
-    else:
-        if fresh:
-            tokenizer = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
-            policy = build_default_model(tokenizer, config.seed)
-        else:
-            policy, tokenizer = load_model(config.model_name_or_path)
-        without_dropout(policy).to(device)
-        if config.sft_steps:
-            loss = supervised_warmup(policy, tokenizer, problems, config, device)
-            if rank == 0:
-                print(f"supervised warm-up: {config.sft_steps} steps, final loss {loss:.3f}")
-        reference = copy.deepcopy(policy)
-    save_reference = fresh or config.sft_steps > 0
-    policy, reference = without_dropout(policy).to(device), without_dropout(reference).to(device).eval()
-    reference.requires_grad_(False)
+    stages = cccs_stages(problems, config)
+    policy, reference, tokenizer, save_reference = build_models(config, problems, stages, checkpoint, device)
+    try:
+        check_prompts_fit(policy, tokenizer, problems, stages, config)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    if config.top_p < 1 and rank == 0:
+        print(f"warning: top_p {config.top_p} samples from a truncated distribution while the PPO ratio uses the "
+              "full softmax: the update is off-policy (use --top_p 1.0 for on-policy PPO)", file=sys.stderr)
     critic = make_critic(policy, config.share_trunk).to(device)
     if checkpoint is not None:
         load_critic(critic, checkpoint / "critic", config.share_trunk)
@@ -610,7 +693,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     optimizers = [torch.optim.AdamW(policy_parameters, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0),
                   torch.optim.AdamW(critic_parameters, lr=config.critic_learning_rate, betas=(0.9, 0.95),
                                     weight_decay=0.0)]
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / 10)) for o in optimizers]
+    schedule = functools.partial(learning_rate_factor, total_steps=config.total_steps,
+                                 warmup_steps=config.warmup_steps, kind=config.lr_scheduler_type)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -620,9 +705,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         train_policy, train_critic = policy, critic
 
-    curriculum = None if config.no_cccs else Curriculum.from_solutions(
-        {p.id: (p.solutions[0] if p.solutions else "") for p in problems}, loops=config.cccs_loops,
-        threshold=config.cccs_threshold, window=config.cccs_window, mode=config.cccs_mode)
+    curriculum = None if config.no_cccs else Curriculum(stages, threshold=config.cccs_threshold,
+                                                        window=config.cccs_window, mode=config.cccs_mode)
     generator = torch.Generator().manual_seed(config.seed + rank)
     trainer_state = {"step": 0, "position": 0}
     if checkpoint is not None:
@@ -644,7 +728,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         config.total_steps, first_step + config.stop_after_steps)
     progress = tqdm(range(first_step, last_step), desc="ppo", unit="step", disable=rank != 0)
     with Sandbox(workers=config.sandbox_workers, timeout=config.sandbox_timeout, memory_mb=config.sandbox_memory_mb,
-                 trace=not config.no_fgo) as sandbox:
+                 trace=not config.no_fgo,
+                 stop_on_first_failure=config.no_fgo or config.fgo_coverage == "first_failure") as sandbox:
         for step in progress:
             timings: dict[str, float] = {}
             chosen = problem_batch(problems, trainer_state["position"], config, config.seed)
@@ -655,13 +740,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             timings["time_forward_s"] = time.perf_counter() - start
             start = time.perf_counter()
             update = ppo_update(train_policy, train_critic, optimizers, batch, experience, config, generator)
+            update["learning_rate"] = schedulers[0].get_last_lr()[0]  # the rate this step's update used
             for scheduler in schedulers:
                 scheduler.step()
             timings["time_update_s"] = time.perf_counter() - start
             if curriculum is not None:
-                for gathered in all_gather([(s.problem.id, s.verdict == "pass") for s in samples]):
-                    for problem_id, passed in gathered:
-                        curriculum.record(problem_id, passed)
+                for gathered in all_gather([(s.problem.id, s.verdict == "pass", s.stage) for s in samples]):
+                    for problem_id, passed, stage in gathered:
+                        curriculum.record(problem_id, passed, stage)
             metrics = step_metrics(step + 1, samples, batch, experience, update, curriculum, timings)
             logger.step(metrics)
             if (step + 1) % config.sample_every == 0:

@@ -98,6 +98,24 @@ def test_curriculum_advances_and_holds():
     assert curriculum.histogram() == {0: 1, 2: 1} and curriculum.mean_stage() == 1.0
 
 
+@pytest.mark.parametrize("mode", ["per_problem", "global"])
+def test_a_batch_larger_than_the_window_advances_once(mode):
+    """16 rollouts generated at stage 0 with a pass rate >= rho, window 4: exactly one advance, to
+    stage 1; the rest of the batch (and any rollout tagged with another stage) is ignored."""
+    curriculum = Curriculum({"a": ["3", "2", "1", ""], "b": ["y", "x", ""]}, threshold=0.5, window=4, mode=mode)
+    rng = random.Random()
+    batch = [("a" if mode == "per_problem" else rng.choice("ab"), passed)
+             for passed in [True, False] * 8]  # 50 %: every window of 4 reaches rho
+    advances = [curriculum.record(problem, passed, stage=0) for problem, passed in batch]
+    assert advances.count(True) == 1 and curriculum.stage("a") == 1
+    assert curriculum.stage("b") == (1 if mode == "global" else 0)
+    for _ in range(8):
+        assert not curriculum.record("a", True, stage=0)  # stale: generated before the advance
+    assert curriculum.stage("a") == 1
+    assert [curriculum.record("a", True, stage=1) for _ in range(4)] == [False, False, False, True]
+    assert curriculum.stage("a") == 2  # fresh rollouts of the new stage do advance it
+
+
 def test_global_mode_moves_every_problem_together():
     curriculum = Curriculum({"a": ["1", "2", ""], "b": ["x", ""]}, threshold=1.0, window=3, mode="global")
     for problem in ("a", "b", "a"):

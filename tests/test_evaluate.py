@@ -101,6 +101,23 @@ def test_model_samples_are_generated_and_judged(tmp_path):
     assert len(lines) == 6
 
 
+def test_greedy_decoding_with_several_samples_repeats_the_one_greedy_completion(tmp_path):
+    """--temperature 0 --n 2 used to fail inside generate (greedy search cannot return 2 sequences)."""
+    from stepcoder.generation import load_model, sample
+    from stepcoder.prompts import build_prompt
+
+    _tiny_model(tmp_path / "model")
+    model, tokenizer = load_model(str(tmp_path / "model"), device="cpu")
+    problems = load_builtin().problems[:3]
+    prompts = [build_prompt(problem, tokenizer=tokenizer) for problem in problems]
+    greedy = list(sample(model, tokenizer, prompts, n=3, temperature=0.0, top_p=1.0, max_new_tokens=8, batch_size=4))
+    single = list(sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=8, batch_size=4))
+    assert [texts[:1] * 3 for texts in single] == greedy
+    summary = evaluate.main(["--model", str(tmp_path / "model"), "--n", "2", "--limit", "2", "--max_new_tokens", "8",
+                             "--temperature", "0", "--workers", "1"])
+    assert summary["num_programs"] == 4
+
+
 def test_a_checkpoints_reference_and_policy_are_judged_side_by_side(tmp_path, capsys, monkeypatch):
     """Before vs after training in one command: both model folders of a checkpoint load on their own
     (weights and tokenizer) and are judged on the same problems; the critic and a tokenizer-less folder

@@ -123,8 +123,13 @@ def test_stop_on_first_failure_and_the_option_to_run_all(sandbox):
     assert len(sandbox.run(ADD, tests).tests) == 1
     with Sandbox(workers=1, timeout=1.0, stop_on_first_failure=False) as sb:
         result = sb.run(ADD, tests)
-    assert [t.verdict for t in result.tests] == ["wrong_answer", "pass"]
-    assert result.verdict == "wrong_answer"
+        assert [t.verdict for t in result.tests] == ["wrong_answer", "pass"]
+        assert result.verdict == "wrong_answer"
+        branches = "a, b = map(int, input().split())\nif a > b:\n    print(a)\nelse:\n    print(b)\n"
+        every = sb.run(branches, [TestCase("1 2\n", "1\n"), TestCase("3 1\n", "3\n")])
+    first = sandbox.run(branches, [TestCase("1 2\n", "1\n"), TestCase("3 1\n", "3\n")])
+    assert first.verdict == every.verdict == "wrong_answer"
+    assert first.executed_lines == [1, 2, 5] and every.executed_lines == [1, 2, 3, 5]  # the later test's branch
 
 
 def test_run_many_keeps_order_and_judges_each_program(sandbox):

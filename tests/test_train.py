@@ -2,6 +2,7 @@
 kill-and-resume, two processes over gloo, bad configurations, and a test-sized default run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ import torch
 
 from stepcoder import kernels, train
 from stepcoder.config import ConfigError, parse_config
-from stepcoder.data import load_builtin
+from stepcoder.data import DataError, load_builtin
 from stepcoder.models import build_default_model, build_default_tokenizer, make_critic
+from stepcoder.schedules import learning_rate_factor
 
 TINY = ["--limit", "8", "--problems_per_step", "4", "--rollouts_per_prompt", "2", "--max_new_tokens", "40",
         "--sft_steps", "20", "--generation_batch_size", "8", "--num_mini_batches", "2", "--sandbox_workers", "1",
@@ -105,6 +107,122 @@ def test_kill_and_resume_gives_the_same_next_step(tmp_path):
     assert [m["step"] for m in resumed] == [1, 2, 3]
     assert strip(resumed[2]) == strip(straight[2])
     assert strip(resumed[1]) == strip(straight[1])
+
+
+def _real_like_model(directory: Path, extra_rows: int) -> None:
+    """A saved GPT-2 whose tokenizer has no pad token and whose embedding matrix has `extra_rows` more
+    rows than the tokenizer has tokens (deepseek-coder: 32,256 rows for 32,022 tokens); 0 extra rows
+    means the pad token the trainer adds needs a new row."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    texts = [p.question + "\n" + p.solutions[0] for p in load_builtin().problems]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(3)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer) + extra_rows, n_positions=512, n_embd=32, n_layer=1,
+                                       n_head=2, bos_token_id=tokenizer.eos_token_id,
+                                       eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(directory)
+
+
+@pytest.mark.parametrize("extra_rows", [16, 0])
+def test_the_reference_after_resume_is_exactly_the_starting_policy(tmp_path, extra_rows):
+    """A real model, no warm-up: the reference is not saved, and a resumed run rebuilds it from the base
+    checkpoint. Its weights and log-probs equal those of the fresh start to the bit (no shrunk embedding
+    matrix, no random new rows); the first step's KL is 0."""
+    _real_like_model(tmp_path / "base", extra_rows)
+    argv = ["--model_name_or_path", str(tmp_path / "base"), "--sft_steps", "0", "--limit", "4",
+            "--problems_per_step", "2", "--rollouts_per_prompt", "2", "--max_new_tokens", "16",
+            "--sandbox_workers", "1", "--output_dir", str(tmp_path / "run"), "--total_steps", "2"]
+    first = train.main([*argv, "--stop_after_steps", "1"])
+    assert first[0]["kl"] == 0.0
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert not (checkpoint / "reference").exists()  # rebuilt on resume, not saved
+    config = parse_config(argv)
+    problems = train.select_problems(config)
+    stages = train.cccs_stages(problems, config)
+    _, fresh, tokenizer, _ = train.build_models(config, problems, stages, None, "cpu")
+    _, resumed, _, _ = train.build_models(config, problems, stages, checkpoint, "cpu")
+    rows = fresh.get_input_embeddings().weight.shape[0]
+    assert rows == max(len(tokenizer), len(tokenizer) - 1 + extra_rows)  # grown where needed, never shrunk
+    for (name, a), (_, b) in zip(fresh.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([tokenizer("def f(x):\n    return x\n")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits.log_softmax(-1), resumed(ids).logits.log_softmax(-1))
+    history = train.main([*argv, "--resume_from_checkpoint", "latest"])
+    assert [m["step"] for m in history] == [1, 2]
+
+
+def test_truncated_responses_are_counted_and_penalized(tmp_path):
+    """With max_new_tokens 3 an untrained model is cut off nearly always: truncated_frac says so, and
+    the penalty lowers those rewards."""
+    history = run(tmp_path, "--total_steps", "1", "--sft_steps", "0", "--max_new_tokens", "3",
+                  "--truncation_penalty", "0.5")
+    assert history[0]["truncated_frac"] > 0.5
+    samples = [train.Sample(problem=None, stage=0, prefix="", prompt_ids=[1], response_ids=[2], completion="",
+                            verdict="wrong_answer", fgo=[1], truncated=cut) for cut in (False, True)]
+    _, tokenizer = _pair()
+    batch = train.pad_batch(samples, tokenizer, parse_config(["--output_dir", "x", "--truncation_penalty", "0.5"]),
+                            "cpu")
+    assert batch.scores.tolist() == pytest.approx([-0.3, -0.8])
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_learning_rate_schedules(tmp_path, kind):
+    factors = [learning_rate_factor(step, 10, 2, kind) for step in range(11)]
+    assert factors[:2] == [0.5, 1.0]
+    if kind == "constant":
+        assert factors[2:] == [1.0] * 9
+    else:
+        assert factors[2] == 1.0 and factors[-1] == pytest.approx(0.0, abs=1e-12)
+        assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    history = run(tmp_path, "--total_steps", "3", "--lr_scheduler_type", kind, "--warmup_steps", "1",
+                  "--learning_rate", "1e-3", "--sft_steps", "1")
+    used = [m["learning_rate"] for m in history]
+    assert used == pytest.approx([1e-3 * learning_rate_factor(step, 3, 1, kind) for step in range(3)])
+
+
+def test_a_canonical_solution_that_does_not_parse_trains_at_full_generation(capsys):
+    config = parse_config(["--output_dir", "unused"])
+    problems = load_builtin().problems[:2]
+    problems[1] = dataclasses.replace(problems[1], id="apps/py2", solutions=["print 'hello'\n"])
+    stages = train.cccs_stages(problems, config)
+    assert stages["apps/py2"] == [""] and len(stages[problems[0].id]) > 1
+    assert "apps/py2: the canonical solution does not parse" in capsys.readouterr().err
+
+
+def test_prompts_that_cannot_fit_the_context_are_an_error_naming_the_problem():
+    model, tokenizer = _pair()
+    problems = load_builtin().problems[:3]
+    config = parse_config(["--output_dir", "unused", "--max_new_tokens", "1000"])  # n_positions is 1024
+    stages = {p.id: [""] for p in problems}
+    with pytest.raises(DataError, match=rf"3 prompts do not fit .* 1024 tokens .*{problems[0].id}"):
+        train.check_prompts_fit(model, tokenizer, problems, stages, config)
+    train.check_prompts_fit(model, tokenizer, problems, stages, parse_config(["--output_dir", "unused"]))
+
+
+@pytest.mark.parametrize("coverage, stops", [("all_tests", False), ("first_failure", True)])
+def test_fgo_coverage_chooses_how_many_tests_run(tmp_path, monkeypatch, coverage, stops):
+    """all_tests (the paper's coverage, the default): every test runs, so FGO sees the lines later tests
+    take; the verdict is still the first failure's (tests/test_sandbox.py)."""
+    made = []
+
+    class Recorded(train.Sandbox):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train, "Sandbox", Recorded)
+    run(tmp_path, "--total_steps", "1", "--sft_steps", "0", "--max_new_tokens", "4", "--fgo_coverage", coverage)
+    assert made[0]["stop_on_first_failure"] is stops
+    assert parse_config(["--output_dir", "x"]).fgo_coverage == "all_tests"
 
 
 def test_two_processes_over_gloo(tmp_path):

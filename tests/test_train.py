@@ -174,6 +174,13 @@ def test_truncated_responses_are_counted_and_penalized(tmp_path):
     assert batch.scores.tolist() == pytest.approx([-0.3, -0.8])
 
 
+def test_nucleus_sampling_is_flagged_as_off_policy(tmp_path, capfd):
+    run(tmp_path, "--total_steps", "1", "--sft_steps", "0", "--max_new_tokens", "4", "--top_p", "0.9")
+    assert "top_p 0.9 samples from a truncated distribution" in capfd.readouterr().err
+    run(tmp_path, "--total_steps", "1", "--sft_steps", "0", "--max_new_tokens", "4", name="full")
+    assert "off-policy" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
 def test_learning_rate_schedules(tmp_path, kind):
     factors = [learning_rate_factor(step, 10, 2, kind) for step in range(11)]

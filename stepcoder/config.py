@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_type_hints
 
+from stepcoder.distributed import PRECISIONS, STRATEGIES
 from stepcoder.kernels.reference import KL_ESTIMATORS
 
 
@@ -64,7 +65,19 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     share_trunk: bool = field(default=False, metadata={"help": "the critic's value head on the policy's trunk"})
     fused_lm_head: str = field(default="auto", metadata={"help": "auto: losses from hidden states when the LM "
-                                                                  "head is a plain linear map (no logits); off"})
+                                                                  "head is a plain linear map (no logits; not "
+                                                                  "under fsdp2); off"})
+    # scale: sharding, precision, memory
+    strategy: str = field(default="fsdp2", metadata={"help": "under torchrun: fsdp2 (shard policy, critic and "
+                                                              "reference) or ddp (replicate them)"})
+    precision: str = field(default="auto", metadata={"help": "compute dtype over fp32 master weights: bf16, fp32, "
+                                                              "or auto (bf16 on GPUs)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward "
+                                                                           "(policy and critic)"})
+    forward_batch_size: int = field(default=16, metadata={"help": "rollouts per no-grad scoring forward "
+                                                                   "(old and reference log-probs, values)"})
+    reference_offload: bool = field(default=False, metadata={"help": "fsdp2: keep the reference's shards in CPU "
+                                                                      "memory"})
     # CCCS and FGO
     no_cccs: bool = field(default=False, metadata={"help": "always full generation (ablation)"})
     no_fgo: bool = field(default=False, metadata={"help": "policy loss on every generated token (ablation)"})
@@ -100,10 +113,11 @@ SMALL_MODEL_PRESET = {"sft_steps": 150, "sft_learning_rate": 2e-3, "learning_rat
 CHOICES = {"kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
            "report_to": ("none", "tensorboard"), "fused_lm_head": ("auto", "off"),
            "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None),
-           "lr_scheduler_type": ("constant", "linear", "cosine"), "fgo_coverage": ("all_tests", "first_failure")}
+           "lr_scheduler_type": ("constant", "linear", "cosine"), "fgo_coverage": ("all_tests", "first_failure"),
+           "strategy": STRATEGIES, "precision": PRECISIONS}
 POSITIVE = ("total_steps", "problems_per_step", "rollouts_per_prompt", "max_new_tokens", "generation_batch_size",
             "ppo_epochs", "num_mini_batches", "gradient_accumulation_steps", "cccs_window", "sandbox_workers",
-            "sandbox_memory_mb", "sample_every", "save_steps", "save_total_limit", "learning_rate",
+            "sandbox_memory_mb", "sample_every", "save_steps", "save_total_limit", "learning_rate", "forward_batch_size",
             "critic_learning_rate", "sft_learning_rate", "temperature", "sandbox_timeout", "max_grad_norm")
 NON_NEGATIVE = ("sft_steps", "cliprange", "cliprange_value", "kl_coef", "entropy_coef", "seed", "truncation_penalty",
                 "warmup_steps")

@@ -40,8 +40,20 @@ def build_default_model(tokenizer, seed: int):
     return GPT2LMHeadModel(config)
 
 
+def checkpoint_dtype(path: str) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (its config's), fp32 when it does not say."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
 def load_model(path: str, dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a local directory; the tokenizer left-pads and has a pad token of its own."""
+    """(model, tokenizer) from a local directory; the tokenizer left-pads and has a pad token of its own.
+    The trainer loads in fp32: the weights it trains are the optimizer's master weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -131,8 +143,8 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids(attention_mask)).last_hidden_state
-        return self.head(hidden.float()).squeeze(-1)
+                            position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).float().squeeze(-1)  # bf16 under FSDP2's policy
 
 
 def make_critic(policy: nn.Module, share_trunk: bool) -> ValueModel:
@@ -140,19 +152,13 @@ def make_critic(policy: nn.Module, share_trunk: bool) -> ValueModel:
     return ValueModel(trunk, policy.config.hidden_size)
 
 
-def save_critic(critic: ValueModel, directory: Path, share_trunk: bool, tokenizer=None) -> None:
+def save_critic(critic: ValueModel, directory: Path, share_trunk: bool, tokenizer, trunk_weights: dict,
+                head_weights: dict) -> None:
     """The value head, and the trunk with the tokenizer when the critic has a trunk of its own (so the
-    folder is a value model on its own: the trunk's AutoModel, its tokenizer, value_head.pt)."""
+    folder is a value model on its own: the trunk's AutoModel, its tokenizer, value_head.pt). The
+    weights are given whole (gathered from the shards)."""
     directory.mkdir(parents=True, exist_ok=True)
     if not share_trunk:
-        critic.trunk.save_pretrained(directory)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-    torch.save(critic.head.state_dict(), directory / "value_head.pt")
-
-
-def load_critic(critic: ValueModel, directory: Path, share_trunk: bool) -> None:
-    if not share_trunk:
-        with quiet_transformers():
-            critic.trunk.load_state_dict(type(critic.trunk).from_pretrained(directory).state_dict())
-    critic.head.load_state_dict(torch.load(directory / "value_head.pt", weights_only=True))
+        critic.trunk.save_pretrained(directory, state_dict=trunk_weights)
+        tokenizer.save_pretrained(directory)
+    torch.save(head_weights, directory / "value_head.pt")

@@ -21,9 +21,7 @@ import copy
 import dataclasses
 import functools
 import json
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,59 +29,48 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from stepcoder import kernels
+from stepcoder import checkpoint, kernels
 from stepcoder.cccs import Curriculum, prefixes
 from stepcoder.config import ConfigError, TrainConfig, parse_config, to_json
 from stepcoder.data import DataError, Problem, load_problems
 from stepcoder.detokenize import continuation
+from stepcoder.distributed import (
+    all_gather,
+    all_sum,
+    autocast,
+    compute_dtype,
+    gathered,
+    no_sync,
+    replicate,
+    setup,
+    shard,
+    sharded,
+    unwrap,
+    world,
+)
 from stepcoder.fgo import token_mask
 from stepcoder.generation import encode_prompts, only_these_settings, sampling_config
 from stepcoder.kernels.reference import kl_penalty
 from stepcoder.models import (
     build_default_model,
     build_default_tokenizer,
-    load_critic,
+    checkpoint_dtype,
     load_model,
     load_reference,
     make_critic,
     position_ids,
-    quiet_transformers,
-    save_critic,
     without_dropout,
 )
 from stepcoder.prompts import CODE_FENCE, STOP_STRING, build_prompt
 from stepcoder.sandbox import Sandbox
 from stepcoder.schedules import learning_rate_factor
 
-# --------------------------------------------------------------------------------------------------
-# Distributed helpers (a single process is world size 1 and every helper is then a no-op).
 
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_sum(value: torch.Tensor) -> torch.Tensor:
-    if world()[1] > 1:
-        dist.all_reduce(value)
-    return value
-
-
-def all_gather(obj) -> list:
-    if world()[1] == 1:
-        return [obj]
-    gathered = [None] * world()[1]
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def barrier() -> None:
-    if world()[1] > 1:
-        dist.barrier()
+def compute(config: TrainConfig, device) -> contextlib.AbstractContextManager:
+    """bf16 compute over the fp32 master weights where asked (see stepcoder.distributed)."""
+    device = torch.device(device)
+    return autocast(compute_dtype(config.precision, device), device, config.strategy)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,7 +98,7 @@ def generate(policy, tokenizer, prompts: list[str], config: TrainConfig, device)
     by EOS or a fence opening a line."""
     encoded = encode_prompts(tokenizer, prompts).to(device)
     settings = sampling_config(policy, tokenizer, config.max_new_tokens, config.temperature, config.top_p)
-    with torch.no_grad(), only_these_settings(policy, settings):
+    with torch.no_grad(), gathered(policy), compute(config, device), only_these_settings(policy, settings):
         output = policy.generate(**encoded, generation_config=settings, tokenizer=tokenizer)
     width = encoded["input_ids"].shape[1]
     pairs = []
@@ -224,30 +211,37 @@ def response_logits(model, batch: Batch, rows) -> torch.Tensor:
     there (`logits_to_keep`), handed to the kernels as a causal LM's output."""
     width = batch.responses.shape[1]
     attention = batch.attention_mask[rows]
-    return model(input_ids=batch.input_ids[rows], attention_mask=attention,
-                 position_ids=position_ids(attention), logits_to_keep=width + 1).logits
+    return model(input_ids=batch.input_ids[rows], attention_mask=attention, position_ids=position_ids(attention),
+                 logits_to_keep=width + 1, use_cache=False).logits
 
 
 def response_hidden(model, batch: Batch, rows) -> torch.Tensor:
     """The last hidden states at the positions that predict the response tokens: [n, R, H]. The model
-    runs through its own forward (so DDP sees it) with the LM head kept to one position."""
+    runs through its own forward (so DDP sees it) with the LM head kept to one position and no KV cache;
+    only the trunk's output is kept (a hook), not every layer's hidden states."""
     width = batch.responses.shape[1]
     attention = batch.attention_mask[rows]
-    output = model(input_ids=batch.input_ids[rows], attention_mask=attention,
-                   position_ids=position_ids(attention), logits_to_keep=1, output_hidden_states=True)
-    return output.hidden_states[-1][:, -width - 1:-1]
+    captured = []
+    hook = unwrap(model).base_model.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(input_ids=batch.input_ids[rows], attention_mask=attention, position_ids=position_ids(attention),
+              logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[0][:, -width - 1:-1]
 
 
 def lm_head_weight(model, config: TrainConfig) -> torch.Tensor | None:
     """The LM head's weight when the output layer is a plain linear map (no bias, no logit scaling or
-    softcapping): the losses then take hidden states and never materialize [tokens x vocab] logits."""
-    model = _unwrap(model)
+    softcapping): the losses then take hidden states and never materialize [tokens x vocab] logits.
+    Not under FSDP2, where the weight outside the model's forward is a shard."""
+    model = unwrap(model)
     head = model.get_output_embeddings()
     settings = model.config
     plain = (isinstance(head, torch.nn.Linear) and head.bias is None
              and not getattr(settings, "final_logit_softcapping", None)
              and getattr(settings, "logit_scale", None) in (None, 1, 1.0))
-    return head.weight if plain and config.fused_lm_head == "auto" else None
+    return head.weight if plain and config.fused_lm_head == "auto" and not sharded(config.strategy) else None
 
 
 def response_logprobs(model, batch: Batch, rows, config: TrainConfig) -> torch.Tensor:
@@ -270,11 +264,14 @@ def response_values(critic, batch: Batch, rows) -> torch.Tensor:
 
 @torch.no_grad()
 def score_rollouts(policy, reference, critic, batch: Batch, config: TrainConfig) -> dict:
-    """Old and reference log-probs, values, KL-shaped rewards, GAE, whitened advantages."""
-    rows = slice(None)
-    old_logp = response_logprobs(policy, batch, rows, config)
-    ref_logp = response_logprobs(reference, batch, rows, config)
-    values = response_values(critic, batch, rows) * batch.action_mask
+    """Old and reference log-probs, values (no-grad forwards in chunks of forward_batch_size rollouts),
+    KL-shaped rewards, GAE, whitened advantages."""
+    chunks = [slice(start, start + config.forward_batch_size)
+              for start in range(0, batch.responses.shape[0], config.forward_batch_size)]
+    with compute(config, batch.input_ids.device):
+        old_logp = torch.cat([response_logprobs(policy, batch, rows, config) for rows in chunks])
+        ref_logp = torch.cat([response_logprobs(reference, batch, rows, config) for rows in chunks])
+        values = torch.cat([response_values(critic, batch, rows) for rows in chunks]) * batch.action_mask
     kl = kl_penalty(old_logp, ref_logp, config.kl_estimator) * batch.action_mask
     rewards = -config.kl_coef * kl
     last = (batch.action_mask.sum(-1).long() - 1).clamp(min=0)
@@ -287,12 +284,14 @@ def score_rollouts(policy, reference, critic, batch: Batch, config: TrainConfig)
 
 def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, config: TrainConfig,
                generator: torch.Generator) -> dict:
-    """ppo_epochs x mini-batches (one optimizer step each) x micro-batches (gradient accumulation)."""
+    """ppo_epochs x mini-batches (one optimizer step each) x micro-batches (gradient accumulation).
+    The statistics are those of all ranks together: losses summed (each is a share of the global token
+    mean), the per-token ones weighted by their tokens."""
     policy.train()
     critic.train()
     _, world_size = world()
-    totals = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0,
-              "ratio": 0.0}
+    names = ("clipfrac", "approx_kl", "entropy", "ratio")
+    totals = torch.zeros(3 + len(names), dtype=torch.float64)  # policy loss, value loss, tokens, token-weighted
     updates = 0
     count = batch.responses.shape[0]
     head = lm_head_weight(policy, config)
@@ -305,7 +304,7 @@ def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, confi
             micro_batches = mini.chunk(config.gradient_accumulation_steps)
             for index, micro in enumerate(micro_batches):
                 last = index == len(micro_batches) - 1
-                with _no_sync(policy, last), _no_sync(critic, last):
+                with no_sync(policy, last), no_sync(critic, last), compute(config, batch.input_ids.device):
                     options = dict(clip_low=config.cliprange, clip_high=config.cliprange_high or config.cliprange,
                                    dual_clip=config.dual_clip, temperature=config.temperature,
                                    entropy_coef=config.entropy_coef, normalizer=policy_tokens)
@@ -323,21 +322,18 @@ def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, confi
                                                        experience["returns"][micro], batch.action_mask[micro],
                                                        clip=config.cliprange_value or None, normalizer=value_tokens)
                     value_loss.backward()
-                share = len(micro) / len(mini)
-                totals["policy_loss"] += loss.item()
-                totals["value_loss"] += value_loss.item()
-                for name in ("clipfrac", "approx_kl", "entropy", "ratio"):
-                    totals[name] += float(stats[name]) * share
+                tokens = float((batch.policy_mask[micro] > 0).sum())
+                totals += torch.tensor([loss.item() / world_size, value_loss.item() / world_size, tokens]
+                                       + [float(stats[name]) * tokens for name in names], dtype=torch.float64)
             for model, optimizer in zip((policy, critic), optimizers):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             updates += 1
-    return {name: value / updates for name, value in totals.items()}
-
-
-def _no_sync(model, last: bool):
-    return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+    totals = all_sum(totals.to(batch.responses.device)).cpu()
+    result = {"policy_loss": float(totals[0]) / updates, "value_loss": float(totals[1]) / updates}
+    result.update({name: float(totals[3 + i] / totals[2].clamp(min=1)) for i, name in enumerate(names)})
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,82 +380,18 @@ def supervised_warmup(policy, tokenizer, problems: list[Problem], stages: dict[s
             labels[row, width - len(target):] = torch.tensor(target)
             attention[row, width - len(sequence):] = 1
         ids, labels, attention = ids.to(device), labels.to(device), attention.to(device)
-        logits = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention)).logits
-        targets = labels[:, 1:]  # position t predicts token t + 1; [B, W] logits with [B, W - 1] labels
-        kept = targets != -100
-        logp = kernels.logprobs_from_logits(logits, targets.clamp(min=0))
-        loss = -(logp * kept).sum() / kept.sum()
+        with compute(config, device):
+            logits = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention),
+                            use_cache=False).logits
+            targets = labels[:, 1:]  # position t predicts token t + 1; [B, W] logits with [B, W - 1] labels
+            kept = targets != -100
+            logp = kernels.logprobs_from_logits(logits, targets.clamp(min=0))
+            loss = -(logp * kept).sum() / kept.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss.item()
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints: everything a run needs to continue exactly, written atomically
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(output: Path, step: int, policy, reference, critic, tokenizer, optimizers, schedulers,
-                    curriculum: Curriculum | None, trainer_state: dict, config: TrainConfig,
-                    save_reference: bool, generator: torch.Generator) -> Path:
-    rank, _ = world()
-    final = output / f"checkpoint-{step}"
-    staging = output / f".staging-checkpoint-{step}"
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    barrier()
-    torch.save({"rng": rng_state(), "generator": generator.get_state()}, staging / f"rng_rank{rank}.pt")
-    barrier()
-    if rank == 0:
-        with quiet_transformers():  # every model folder loads on its own: weights and tokenizer
-            _unwrap(policy).save_pretrained(staging / "policy")
-            tokenizer.save_pretrained(staging / "policy")
-            if save_reference:
-                reference.save_pretrained(staging / "reference")
-                tokenizer.save_pretrained(staging / "reference")
-            save_critic(_unwrap(critic), staging / "critic", config.share_trunk, tokenizer)
-        torch.save({"optimizers": [o.state_dict() for o in optimizers],
-                    "schedulers": [s.state_dict() for s in schedulers]}, staging / "optimizers.pt")
-        (staging / "curriculum.json").write_text(json.dumps(curriculum.state_dict() if curriculum else None))
-        (staging / "trainer_state.json").write_text(json.dumps(dict(trainer_state, step=step), indent=2))
-        (staging / "config.json").write_text(to_json(config))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        kept = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in kept[:-config.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-def find_checkpoint(config: TrainConfig) -> Path | None:
-    if config.resume_from_checkpoint is None:
-        return None
-    if config.resume_from_checkpoint != "latest":
-        return Path(config.resume_from_checkpoint)
-    found = sorted(Path(config.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,8 +448,8 @@ def step_metrics(step: int, samples: list[Sample], batch: Batch, experience: dic
                  curriculum: Curriculum | None, timings: dict) -> dict:
     """Every number summed over ranks before it is averaged."""
     outcomes: dict[str, int] = {}
-    for gathered in all_gather([s.verdict for s in samples]):
-        for verdict in gathered:
+    for verdicts in all_gather([s.verdict for s in samples]):
+        for verdict in verdicts:
             outcomes[verdict] = outcomes.get(verdict, 0) + 1
     action = batch.action_mask
     truncated = action.new_tensor(float(sum(s.truncated for s in samples)))
@@ -602,30 +534,52 @@ def cccs_stages(problems: list[Problem], config: TrainConfig) -> dict[str, list[
 
 
 def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str, list[str]],
-                 checkpoint: Path | None, device) -> tuple:
-    """(policy, reference, tokenizer, save_reference). The reference is the starting policy: built once
-    and saved when it is not the base checkpoint as loaded (a warm-up changed it, or the model was built
-    here); otherwise rebuilt on resume from the base checkpoint by the same deterministic steps."""
+                 resume_from: Path | None, device) -> tuple:
+    """(policy, reference, tokenizer, save_reference, export_dtype), before any wrapping. The policy is
+    in fp32 (the optimizer's master weights, whatever dtype the checkpoint is stored in, which is
+    `export_dtype`); the frozen reference in the compute dtype. The reference is the starting policy:
+    saved when it is not the base checkpoint as loaded (a warm-up changed it, or the model was built
+    here), otherwise rebuilt on resume from the base checkpoint by the same deterministic steps."""
     fresh = config.model_name_or_path is None
-    if checkpoint is not None:
-        policy, tokenizer = load_model(str(checkpoint / "policy"))
-        reference_path = checkpoint / "reference" if (checkpoint / "reference").exists() else config.model_name_or_path
-        reference = load_reference(str(reference_path), tokenizer)
+    dtype = compute_dtype(config.precision, torch.device(device))
+    export_dtype = torch.float32 if fresh else checkpoint_dtype(config.model_name_or_path)
+    if resume_from is not None:
+        policy, tokenizer = load_model(str(resume_from / "policy"), dtype=torch.float32)  # weights: from state/
+        saved = resume_from / "reference"
+        reference = load_reference(str(saved if saved.exists() else config.model_name_or_path), tokenizer,
+                                   dtype=torch.float32)
     else:
         if fresh:
             tokenizer = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
             policy = build_default_model(tokenizer, config.seed)
         else:
-            policy, tokenizer = load_model(config.model_name_or_path)
+            policy, tokenizer = load_model(config.model_name_or_path, dtype=torch.float32)
         without_dropout(policy).to(device)
         if config.sft_steps:
             loss = supervised_warmup(policy, tokenizer, problems, stages, config, device)
             if world()[0] == 0:
                 print(f"supervised warm-up: {config.sft_steps} steps, final loss {loss:.3f}")
         reference = copy.deepcopy(policy)
-    policy, reference = without_dropout(policy).to(device), without_dropout(reference).to(device).eval()
+    policy = without_dropout(policy).to(device)
+    reference = without_dropout(reference).to(device=device, dtype=dtype).eval()
     reference.requires_grad_(False)
-    return policy, reference, tokenizer, fresh or config.sft_steps > 0
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy, reference, tokenizer, fresh or config.sft_steps > 0, export_dtype
+
+
+def wrap_models(policy, critic, reference, config: TrainConfig, device) -> tuple:
+    """(train_policy, train_critic): sharded in place (fsdp2) or wrapped (ddp) under torchrun; the
+    reference is sharded too under fsdp2 (no optimizer state; with reference_offload, in CPU memory)."""
+    if world()[1] == 1:
+        return policy, critic
+    if config.strategy == "ddp":
+        return replicate(policy, device), replicate(critic, device)
+    dtype = compute_dtype(config.precision, device)
+    shard(policy, dtype, device)
+    shard(critic, dtype, device, trunk=critic.trunk)
+    shard(reference, dtype, device, offload=config.reference_offload)
+    return policy, critic
 
 
 def check_prompts_fit(model, tokenizer, problems: list[Problem], stages: dict[str, list[str]],
@@ -651,16 +605,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         config = parse_config(argv)
     except ConfigError as error:
         sys.exit(f"error: {error}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo")
+    device = setup(config.device)
     rank, world_size = world()
     if world_size > 1 and config.share_trunk:
         sys.exit("error: share_trunk: a shared trunk is for single-process runs (under torchrun the critic "
                  "keeps its own trunk)")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        device = torch.device("cuda", torch.cuda.current_device())
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -673,11 +622,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    checkpoint = find_checkpoint(config)
+    resume_from = checkpoint.find(config.output_dir, config.resume_from_checkpoint)
     started = time.perf_counter()
 
+    # Models: the policy, a frozen reference, and the critic; then sharded or replicated.
     stages = cccs_stages(problems, config)
-    policy, reference, tokenizer, save_reference = build_models(config, problems, stages, checkpoint, device)
+    policy, reference, tokenizer, save_reference, export_dtype = build_models(config, problems, stages,
+                                                                              resume_from, device)
     try:
         check_prompts_fit(policy, tokenizer, problems, stages, config)
     except DataError as error:
@@ -686,40 +637,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"warning: top_p {config.top_p} samples from a truncated distribution while the PPO ratio uses the "
               "full softmax: the update is off-policy (use --top_p 1.0 for on-policy PPO)", file=sys.stderr)
     critic = make_critic(policy, config.share_trunk).to(device)
-    if checkpoint is not None:
-        load_critic(critic, checkpoint / "critic", config.share_trunk)
-    policy_parameters = list(policy.parameters())
-    critic_parameters = list(critic.head.parameters()) if config.share_trunk else list(critic.parameters())
-    optimizers = [torch.optim.AdamW(policy_parameters, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0),
+    if config.gradient_checkpointing and not config.share_trunk:
+        critic.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_policy, train_critic = wrap_models(policy, critic, reference, config, device)
+    critic_parameters = list(critic.head.parameters()) if config.share_trunk else list(train_critic.parameters())
+    optimizers = [torch.optim.AdamW(train_policy.parameters(), lr=config.learning_rate, betas=(0.9, 0.95),
+                                    weight_decay=0.0),
                   torch.optim.AdamW(critic_parameters, lr=config.critic_learning_rate, betas=(0.9, 0.95),
                                     weight_decay=0.0)]
     schedule = functools.partial(learning_rate_factor, total_steps=config.total_steps,
                                  warmup_steps=config.warmup_steps, kind=config.lr_scheduler_type)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        train_policy = DistributedDataParallel(policy, device_ids=ids)
-        train_critic = DistributedDataParallel(critic, device_ids=ids) if not config.share_trunk else critic
-    else:
-        train_policy, train_critic = policy, critic
 
     curriculum = None if config.no_cccs else Curriculum(stages, threshold=config.cccs_threshold,
                                                         window=config.cccs_window, mode=config.cccs_mode)
     generator = torch.Generator().manual_seed(config.seed + rank)
     trainer_state = {"step": 0, "position": 0}
-    if checkpoint is not None:
-        state = torch.load(checkpoint / "optimizers.pt", weights_only=False)
-        for holder, saved in zip(optimizers + schedulers, state["optimizers"] + state["schedulers"]):
-            holder.load_state_dict(saved)
+    if resume_from is not None:
+        trainer_state = checkpoint.load(resume_from, train_policy, train_critic, optimizers, schedulers, generator)
         if curriculum is not None:
-            curriculum.load_state_dict(json.loads((checkpoint / "curriculum.json").read_text()))
-        trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
-        saved_rng = torch.load(checkpoint / f"rng_rank{rank}.pt", weights_only=False)
-        set_rng_state(saved_rng["rng"])
-        generator.set_state(saved_rng["generator"])
-    logger = Logger(config, resumed_at=trainer_state["step"] if checkpoint is not None else None)
+            curriculum.load_state_dict(json.loads((resume_from / "curriculum.json").read_text()))
+    logger = Logger(config, resumed_at=trainer_state["step"] if resume_from is not None else None)
 
     from tqdm.auto import tqdm
 
@@ -733,10 +671,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for step in progress:
             timings: dict[str, float] = {}
             chosen = problem_batch(problems, trainer_state["position"], config, config.seed)
-            samples = collect_rollouts(policy, tokenizer, chosen, curriculum, sandbox, config, device, timings)
+            samples = collect_rollouts(train_policy, tokenizer, chosen, curriculum, sandbox, config, device, timings)
             start = time.perf_counter()
             batch = pad_batch(samples, tokenizer, config, device)
-            experience = score_rollouts(policy, reference, critic, batch, config)
+            experience = score_rollouts(train_policy, reference, train_critic, batch, config)
             timings["time_forward_s"] = time.perf_counter() - start
             start = time.perf_counter()
             update = ppo_update(train_policy, train_critic, optimizers, batch, experience, config, generator)
@@ -745,8 +683,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 scheduler.step()
             timings["time_update_s"] = time.perf_counter() - start
             if curriculum is not None:
-                for gathered in all_gather([(s.problem.id, s.verdict == "pass", s.stage) for s in samples]):
-                    for problem_id, passed, stage in gathered:
+                for rollouts in all_gather([(s.problem.id, s.verdict == "pass", s.stage) for s in samples]):
+                    for problem_id, passed, stage in rollouts:
                         curriculum.record(problem_id, passed, stage)
             metrics = step_metrics(step + 1, samples, batch, experience, update, curriculum, timings)
             logger.step(metrics)
@@ -757,8 +695,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             trainer_state = {"step": step + 1,
                              "position": trainer_state["position"] + config.problems_per_step * world_size}
             if (step + 1) % config.save_steps == 0 or step + 1 == last_step:
-                save_checkpoint(output, step + 1, train_policy, reference, train_critic, tokenizer, optimizers,
-                                schedulers, curriculum, trainer_state, config, save_reference, generator)
+                checkpoint.save(output, step + 1, {"policy": train_policy, "critic": train_critic,
+                                                   "reference": reference}, tokenizer, optimizers, schedulers,
+                                curriculum, trainer_state, to_json(config), generator, export_dtype, save_reference,
+                                config.share_trunk, config.save_total_limit)
     if rank == 0 and logger.history:
         print(summarize(logger.history, time.perf_counter() - started))
     return logger.history

@@ -50,8 +50,8 @@ def test_one_ppo_step_end_to_end(tmp_path, capfd):
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
     assert (out / "config.json").exists() and (out / "samples.jsonl").exists()
     checkpoint = out / "checkpoint-1"
-    for part in ("policy/config.json", "reference/config.json", "critic/value_head.pt", "optimizers.pt",
-                 "curriculum.json", "trainer_state.json", "rng_rank0.pt"):
+    for part in ("policy/config.json", "policy/tokenizer.json", "reference/config.json", "critic/value_head.pt",
+                 "state/.metadata", "schedulers.pt", "curriculum.json", "trainer_state.json", "rng_rank0.pt"):
         assert (checkpoint / part).exists(), part
 
 
@@ -147,8 +147,8 @@ def test_the_reference_after_resume_is_exactly_the_starting_policy(tmp_path, ext
     config = parse_config(argv)
     problems = train.select_problems(config)
     stages = train.cccs_stages(problems, config)
-    _, fresh, tokenizer, _ = train.build_models(config, problems, stages, None, "cpu")
-    _, resumed, _, _ = train.build_models(config, problems, stages, checkpoint, "cpu")
+    _, fresh, tokenizer, _, _ = train.build_models(config, problems, stages, None, "cpu")
+    _, resumed, _, _, _ = train.build_models(config, problems, stages, checkpoint, "cpu")
     rows = fresh.get_input_embeddings().weight.shape[0]
     assert rows == max(len(tokenizer), len(tokenizer) - 1 + extra_rows)  # grown where needed, never shrunk
     for (name, a), (_, b) in zip(fresh.state_dict().items(), resumed.state_dict().items()):

@@ -1,0 +1,149 @@
+"""Checkpoints: everything a run needs to continue exactly, written to a staging folder and renamed
+into place.
+
+    checkpoint-N/
+        state/                 torch.distributed.checkpoint: policy and critic weights (fp32 masters) and
+                               optimizer states, sharded as the run holds them (each rank writes its own)
+        schedulers.pt, curriculum.json, trainer_state.json, config.json, rng_rank<R>.pt
+        policy/                a plain transformers directory with the tokenizer, in the checkpoint's dtype
+        reference/             the same for the reference, when it is not the base checkpoint
+        critic/                the critic's trunk, value_head.pt and the tokenizer
+
+Resume builds the models as a fresh run does (the policy from ``policy/``), shards or replicates them,
+then loads ``state/`` into them: bit for bit the masters and optimizer states it saved.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from stepcoder.distributed import barrier, unwrap, world
+from stepcoder.models import quiet_transformers, save_critic
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's weights on the CPU, gathered from the shards (on every rank: collective)."""
+    return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export(model, directory: Path, tokenizer, dtype: torch.dtype) -> None:
+    """A plain transformers directory (weights in `dtype`, the tokenizer): collective, rank 0 writes."""
+    weights = {name: tensor.to(dtype) for name, tensor in full_state_dict(model).items()}
+    if world()[0] == 0:
+        with quiet_transformers():
+            unwrap(model).save_pretrained(directory, state_dict=weights)
+            tokenizer.save_pretrained(directory)
+
+
+def _training_state(policy, critic, optimizers) -> dict:
+    models = (unwrap(policy), unwrap(critic))
+    return {"policy": get_model_state_dict(models[0]), "critic": get_model_state_dict(models[1]),
+            "policy_optimizer": get_optimizer_state_dict(models[0], optimizers[0]),
+            "critic_optimizer": get_optimizer_state_dict(models[1], optimizers[1])}
+
+
+def save(output: Path, step: int, models: dict, tokenizer, optimizers, schedulers, curriculum, trainer_state: dict,
+         config_json: str, generator: torch.Generator, export_dtype: torch.dtype, save_reference: bool,
+         share_trunk: bool, keep: int) -> Path:
+    """Every rank calls this. `models`: policy, critic, reference (as the run holds them)."""
+    rank, _ = world()
+    final, staging = output / f"checkpoint-{step}", output / f".staging-checkpoint-{step}"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    torch.save({"rng": rng_state(), "generator": generator.get_state()}, staging / f"rng_rank{rank}.pt")
+    with _one_process_is_fine():
+        dcp.save(_training_state(models["policy"], models["critic"], optimizers), checkpoint_id=staging / "state",
+                 no_dist=not dist.is_initialized())
+    export(models["policy"], staging / "policy", tokenizer, export_dtype)
+    if save_reference:
+        reference = models["reference"]
+        export(reference, staging / "reference", tokenizer, next(unwrap(reference).parameters()).dtype)
+    critic_weights = full_state_dict(models["critic"])
+    if rank == 0:
+        critic = unwrap(models["critic"])
+        trunk = {name[len("trunk."):]: tensor.to(export_dtype) for name, tensor in critic_weights.items()
+                 if name.startswith("trunk.")}
+        head = {name[len("head."):]: tensor for name, tensor in critic_weights.items() if name.startswith("head.")}
+        with quiet_transformers():
+            save_critic(critic, staging / "critic", share_trunk, tokenizer, trunk_weights=trunk, head_weights=head)
+        torch.save([s.state_dict() for s in schedulers], staging / "schedulers.pt")
+        (staging / "curriculum.json").write_text(json.dumps(curriculum.state_dict() if curriculum else None))
+        (staging / "trainer_state.json").write_text(json.dumps(dict(trainer_state, step=step), indent=2))
+        (staging / "config.json").write_text(config_json)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        kept = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in kept[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load(checkpoint: Path, policy, critic, optimizers, schedulers, generator: torch.Generator) -> dict:
+    """Loads the training state into models already built and wrapped as the saving run held them; sets
+    the RNG states; returns the trainer state (step, data position)."""
+    state = _training_state(policy, critic, optimizers)
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=checkpoint / "state", no_dist=not dist.is_initialized())
+    for name, model, optimizer in (("policy", policy, optimizers[0]), ("critic", critic, optimizers[1])):
+        set_model_state_dict(unwrap(model), state[name])
+        set_optimizer_state_dict(unwrap(model), optimizer, state[f"{name}_optimizer"])
+    for scheduler, saved in zip(schedulers, torch.load(checkpoint / "schedulers.pt", weights_only=False)):
+        scheduler.load_state_dict(saved)
+    saved_rng = torch.load(checkpoint / f"rng_rank{world()[0]}.pt", weights_only=False)
+    set_rng_state(saved_rng["rng"])
+    generator.set_state(saved_rng["generator"])
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+@contextlib.contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """torch.distributed.checkpoint warns on every save and load without a process group, which is how a
+    single-process run uses it on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def find(output_dir: str, resume_from: str | None) -> Path | None:
+    if resume_from is None:
+        return None
+    if resume_from != "latest":
+        return Path(resume_from)
+    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None

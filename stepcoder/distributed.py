@@ -1,0 +1,162 @@
+"""Processes, sharding and precision for the trainer.
+
+A single process is world size 1 and every helper here is then a no-op. Under ``torchrun`` the models
+are replicated (``ddp``) or sharded with PyTorch's own FSDP2 (``fsdp2``: ``fully_shard`` on each
+transformer block, then the root). Whatever the strategy, parameters are fp32 master weights and the
+optimizer keeps fp32 states; with bf16 the forward and backward compute in bf16 (FSDP2's mixed-precision
+policy, autocast otherwise) and gradients are reduced in fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STRATEGIES = ("fsdp2", "ddp")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def all_gather(obj) -> list:
+    if world()[1] == 1:
+        return [obj]
+    gathered = [None] * world()[1]
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def setup(device_name: str | None) -> torch.device:
+    """Joins the process group under torchrun (NCCL on GPUs, gloo on CPUs) and picks this rank's device."""
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device(device_name or ("cuda" if use_cuda else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 compute with `precision` bf16, or auto on a GPU; fp32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def sharded(strategy: str) -> bool:
+    return strategy == "fsdp2" and world()[1] > 1
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, each its own FSDP unit: the classes transformers names in
+    ``_no_split_modules`` (GPT2Block, LlamaDecoderLayer, ...)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [module for module in model.modules() if type(module).__name__ in names and module is not model]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__}: no transformer blocks found to shard (no _no_split_modules)")
+    return blocks
+
+
+def shard(model: nn.Module, dtype: torch.dtype, device: torch.device, trunk: nn.Module | None = None,
+          offload: bool = False) -> nn.Module:
+    """FSDP2: each transformer block of `trunk` (default: the model) is a unit, then the root. Compute in
+    `dtype`, gradients reduced in fp32; `offload` keeps the shards in CPU memory (the frozen reference)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world()[1],))
+    options = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
+    if offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    elif device.type == "cuda":
+        model.to(device)
+    for block in transformer_blocks(trunk if trunk is not None else model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def replicate(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the processes (the model itself when there is one process)."""
+    if world()[1] == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """While generating: a sharded model is unsharded once and stays so until the end (FSDP2 would
+    otherwise all-gather every layer at every decoding step); a replicated one is left as it is."""
+    units = fsdp_units(model)
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
+
+
+def no_sync(model: nn.Module, last: bool):
+    """Gradient accumulation: synchronize gradients only on the last micro-batch."""
+    if last:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        return _without_gradient_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _without_gradient_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def autocast(dtype: torch.dtype, device: torch.device, strategy: str):
+    """bf16 compute over fp32 weights for a replicated (or single) model; FSDP2's mixed-precision policy
+    does it for sharded ones."""
+    if dtype == torch.float32 or sharded(strategy):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

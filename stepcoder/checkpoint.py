@@ -66,6 +66,10 @@ def export(model, directory: Path, tokenizer, dtype: torch.dtype) -> None:
         with quiet_transformers():
             unwrap(model).save_pretrained(directory, state_dict=weights)
             tokenizer.save_pretrained(directory)
+        # save_pretrained records the model's (fp32) dtype; a loader would then upcast the bf16 files.
+        settings = json.loads((directory / "config.json").read_text())
+        settings["dtype"] = str(dtype).removeprefix("torch.")
+        (directory / "config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def _training_state(policy, critic, optimizers) -> dict:

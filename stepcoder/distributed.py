@@ -52,7 +52,7 @@ def setup(device_name: str | None) -> torch.device:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device(device_name or ("cuda" if use_cuda else "cpu"))
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 

@@ -96,6 +96,7 @@ class Sample:
 def generate(policy, tokenizer, prompts: list[str], config: TrainConfig, device) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per prompt: pure sampling (top_k 0) with these settings only, stopped
     by EOS or a fence opening a line."""
+    policy = unwrap(policy)  # DDP's module: generation needs no gradient synchronisation
     encoded = encode_prompts(tokenizer, prompts).to(device)
     settings = sampling_config(policy, tokenizer, config.max_new_tokens, config.temperature, config.top_p)
     with torch.no_grad(), gathered(policy), compute(config, device), only_these_settings(policy, settings):

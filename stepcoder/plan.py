@@ -1,0 +1,173 @@
+"""``python -m stepcoder.plan``: per-GPU memory of a training run, before renting the GPUs.
+
+Takes the trainer's flags (``--model_name_or_path`` may be a directory holding only ``config.json``:
+the models are built on the meta device, no weight is read) plus ``--nproc_per_node``,
+``--gpu_memory_gb`` and ``--prompt_tokens``, and prints each rank's memory by component and whether the
+peak fits:
+
+    python -m stepcoder.plan --model_name_or_path /models/deepseek-coder-6.7b-instruct --strategy fsdp2 \\
+        --nproc_per_node 8 --gpu_memory_gb 80 --gradient_checkpointing --rollouts_per_prompt 16 ...
+
+What the trainer holds all the time is exact (its parameter, gradient and optimizer-state bytes are
+those of the sharded or replicated tensors, as FSDP2 cuts each parameter's first dimension); the rest
+— activations, logits, the KV cache, layers unsharded in flight — are estimates, and say so.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stepcoder.config import ConfigError, TrainConfig, build_parser, parse_config
+from stepcoder.distributed import compute_dtype, transformer_blocks
+
+GB = 1e9
+ACTIVATION_FACTOR = 34  # bytes / (token x hidden x bytes-per-element) a transformer block keeps for backward
+                        # (Korthikanti et al. 2022, with fused attention: no seq x seq scores kept)
+
+
+@dataclass
+class Line:
+    phase: str       # "static" (held throughout), "generation", "scoring" or "update" (the peak of each)
+    component: str
+    bytes: float
+    exact: bool
+
+
+def shard_numel(parameter: torch.Tensor, ranks: int) -> int:
+    """Elements of rank 0's shard: FSDP2 cuts dim 0 into `ranks` chunks of ceil(dim0 / ranks) rows."""
+    if parameter.dim() == 0 or ranks == 1:
+        return parameter.numel()
+    return math.ceil(parameter.shape[0] / ranks) * (parameter.numel() // parameter.shape[0])
+
+
+def held(module: nn.Module, ranks: int) -> int:
+    """Elements one rank holds of `module`'s parameters (shared ones counted once)."""
+    return sum(shard_numel(p, ranks) for p in module.parameters())
+
+
+def meta_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
+    """(policy, critic) on the meta device: the architecture without weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+
+    from stepcoder.models import ValueModel
+
+    if config.model_name_or_path is None:  # the embedded default model (models.build_default_model)
+        settings = GPT2Config(vocab_size=1024, n_positions=1024, n_embd=128, n_layer=2, n_head=4)
+    else:
+        settings = AutoConfig.from_pretrained(config.model_name_or_path, local_files_only=True)
+    with torch.device("meta"):
+        policy = AutoModelForCausalLM.from_config(settings)
+        critic = ValueModel(copy.deepcopy(policy.base_model), settings.hidden_size)
+    return policy, critic
+
+
+def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = True) -> list[Line]:
+    """Each rank's memory by component (bytes)."""
+    policy, critic = meta_models(config)
+    settings = policy.config
+    sharded = config.strategy == "fsdp2" and ranks > 1
+    share = ranks if sharded else 1
+    compute = compute_dtype(config.precision, torch.device("cuda" if on_gpu else "cpu")).itemsize
+    lines = []
+    for name, model in (("policy", policy), ("critic", critic)):
+        local = held(model, share)
+        lines += [Line("static", f"{name} weights (fp32 masters)", 4 * local, True),
+                  Line("static", f"{name} gradients (fp32)", 4 * local, True),
+                  Line("static", f"{name} optimizer states (AdamW m, v: fp32)", 8 * local, True)]
+    reference = 0 if config.reference_offload and sharded else compute * held(policy, share)
+    lines.append(Line("static", "reference weights" + (" (CPU-offloaded)" if reference == 0 else ""), reference, True))
+
+    hidden, layers, vocab = settings.hidden_size, settings.num_hidden_layers, settings.vocab_size
+    heads = settings.num_attention_heads
+    kv_width = getattr(settings, "num_key_value_heads", None) or heads
+    head_dim = getattr(settings, "head_dim", None) or hidden // heads
+    total = sum(p.numel() for p in policy.parameters())
+    block = max(sum(p.numel() for p in unit.parameters()) for unit in transformer_blocks(policy))
+    root = total - sum(sum(p.numel() for p in unit.parameters()) for unit in transformer_blocks(policy))
+    sequence = prompt_tokens + config.max_new_tokens
+    rollouts = config.problems_per_step * config.rollouts_per_prompt
+    micro = max(1, rollouts // config.num_mini_batches // config.gradient_accumulation_steps)
+
+    # Generation: the policy unsharded once per generate call (or autocast's bf16 copies), and the KV cache.
+    if sharded:
+        lines.append(Line("generation", "policy weights unsharded for generate", compute * total, True))
+    elif compute < 4:
+        lines.append(Line("generation", "bf16 copies of the weights (autocast)", compute * total, False))
+    kv = 2 * layers * config.generation_batch_size * sequence * kv_width * head_dim * compute
+    lines.append(Line("generation", f"KV cache ({config.generation_batch_size} sequences x {sequence} tokens)", kv, True))
+
+    # Scoring and update: layers unsharded in flight (FSDP2: the root stays gathered, two blocks at a time).
+    if sharded:
+        flight = compute * (root + 2 * block)
+        for phase in ("scoring", "update"):
+            lines.append(Line(phase, "unsharded in flight (root + two blocks)", flight, False))
+    chunk = config.forward_batch_size
+    fused = config.fused_lm_head == "auto" and not sharded
+    if fused:
+        lines.append(Line("scoring", f"last hidden states ({chunk} rollouts)", chunk * sequence * hidden * compute,
+                          False))
+        lines.append(Line("scoring", "fp32 logits of one token chunk (fused head)", 128 << 20, False))
+    else:
+        lines.append(Line("scoring", f"logits ({chunk} rollouts)", chunk * (config.max_new_tokens + 1) * vocab * compute,
+                          False))
+    if config.gradient_checkpointing:
+        activations = layers * micro * sequence * hidden * compute + micro * sequence * ACTIVATION_FACTOR * hidden * compute
+    else:
+        activations = layers * micro * sequence * ACTIVATION_FACTOR * hidden * compute
+    lines.append(Line("update", f"activations (micro-batch {micro} x {sequence} tokens"
+                      + (", checkpointed)" if config.gradient_checkpointing else ")"), activations, False))
+    update_logits = micro * (config.max_new_tokens + 1) * vocab * (4 if fused else compute)
+    lines.append(Line("update", "logits of the micro-batch (gradient written in place)", update_logits, False))
+    order = ("static", "generation", "scoring", "update")
+    return sorted(lines, key=lambda line: order.index(line.phase))
+
+
+def peak(lines: list[Line]) -> float:
+    static = sum(line.bytes for line in lines if line.phase == "static")
+    phases = {line.phase for line in lines} - {"static"}
+    return static + max(sum(line.bytes for line in lines if line.phase == phase) for phase in phases)
+
+
+def report(lines: list[Line], config: TrainConfig, ranks: int, gpu_gb: float) -> str:
+    total = peak(lines)
+    dtype = compute_dtype(config.precision, torch.device("cuda"))
+    title = (f"per-rank memory: {config.strategy} over {ranks} processes, {str(dtype).removeprefix('torch.')} "
+             f"compute on fp32 masters, gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}")
+    rows = [title, f"{'phase':<11}{'component':<60}{'GB':>9}"]
+    for line in lines:
+        rows.append(f"{line.phase:<11}{line.component:<60}{line.bytes / GB:>9.2f}" + ("" if line.exact else "  (estimate)"))
+    verdict = "fits" if total <= gpu_gb * GB else "does not fit"
+    rows.append(f"peak (static + the largest phase): {total / GB:.1f} GB per GPU: {verdict} in {gpu_gb:g} GB")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> list[Line]:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--nproc_per_node", type=int, default=1)
+    parser.add_argument("--gpu_memory_gb", type=float, default=80.0)
+    parser.add_argument("--prompt_tokens", type=int, default=1024, help="the longest prompt, in tokens")
+    parser.add_argument("-h", "--help", action="store_true")
+    own, rest = parser.parse_known_args(argv)
+    if own.help:
+        print(__doc__)
+        build_parser().print_help()
+        sys.exit(0)
+    if own.nproc_per_node < 1 or own.gpu_memory_gb <= 0 or own.prompt_tokens < 1:
+        sys.exit("error: --nproc_per_node and --prompt_tokens must be >= 1, --gpu_memory_gb > 0")
+    try:
+        config = parse_config(rest)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+    lines = plan(config, own.nproc_per_node, own.prompt_tokens)
+    print(report(lines, config, own.nproc_per_node, own.gpu_memory_gb))
+    return lines
+
+
+if __name__ == "__main__":
+    main()

@@ -88,7 +88,7 @@ def shard(model: nn.Module, dtype: torch.dtype, device: torch.device, trunk: nn.
 
     mesh = init_device_mesh(device.type, (world()[1],))
     options = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
-    if offload:
+    if offload and device.type == "cuda":  # on CPUs the shards are in host memory anyway
         options["offload_policy"] = CPUOffloadPolicy()
     elif device.type == "cuda":
         model.to(device)

@@ -118,6 +118,14 @@ def quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def checkpoint_activations(model) -> None:
+    """Recompute each block's activations in backward (non-reentrant, as FSDP2 needs)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def without_dropout(model: nn.Module) -> nn.Module:
     """PPO needs the sampler's and the learner's distributions to be the same function."""
     for module in model.modules():
@@ -144,7 +152,8 @@ class ValueModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        return self.head(hidden.to(self.head.weight.dtype)).float().squeeze(-1)  # bf16 under FSDP2's policy
+        values = self.head(hidden.to(self.head.weight.dtype))  # bf16 under FSDP2's mixed-precision policy
+        return values.float().sum(-1)  # the one output, as a new tensor: FSDP2 warns when a module returns a view
 
 
 def make_critic(policy: nn.Module, share_trunk: bool) -> ValueModel:

@@ -55,6 +55,7 @@ from stepcoder.kernels.reference import kl_penalty
 from stepcoder.models import (
     build_default_model,
     build_default_tokenizer,
+    checkpoint_activations,
     checkpoint_dtype,
     load_model,
     load_reference,
@@ -565,7 +566,7 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
     reference = without_dropout(reference).to(device=device, dtype=dtype).eval()
     reference.requires_grad_(False)
     if config.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(policy)
     return policy, reference, tokenizer, fresh or config.sft_steps > 0, export_dtype
 
 
@@ -639,7 +640,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "full softmax: the update is off-policy (use --top_p 1.0 for on-policy PPO)", file=sys.stderr)
     critic = make_critic(policy, config.share_trunk).to(device)
     if config.gradient_checkpointing and not config.share_trunk:
-        critic.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(critic.trunk)
     train_policy, train_critic = wrap_models(policy, critic, reference, config, device)
     critic_parameters = list(critic.head.parameters()) if config.share_trunk else list(train_critic.parameters())
     optimizers = [torch.optim.AdamW(train_policy.parameters(), lr=config.learning_rate, betas=(0.9, 0.95),

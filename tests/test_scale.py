@@ -172,3 +172,38 @@ def test_fsdp2_end_to_end_with_exact_resume_and_an_exported_policy(tmp_path):
     summary = evaluate.main(["--model", str(checkpoint / "policy"), "--limit", "1", "--max_new_tokens", "8",
                              "--workers", "1"])
     assert summary["num_programs"] == 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradient_checkpointing_gives_the_same_update(precision, monkeypatch):
+    """Recomputing activations in backward changes memory, not the update: the same experience gives the
+    same weights with and without it (to rounding in bf16 compute, which runs here through CPU autocast)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from scale_runner import ARGS, experience_rows
+
+    from stepcoder import train
+    from stepcoder.data import load_builtin
+    from stepcoder.models import (
+        build_default_model,
+        build_default_tokenizer,
+        checkpoint_activations,
+        make_critic,
+        without_dropout,
+    )
+
+    tokenizer = build_default_tokenizer([p.question + "\n" + s for p in load_builtin().problems for s in p.solutions])
+    results = []
+    for checkpointed in (False, True):
+        config = parse_config(ARGS + ["--precision", precision] + (["--gradient_checkpointing"] if checkpointed else []))
+        policy = without_dropout(build_default_model(tokenizer, seed=5))
+        reference = without_dropout(build_default_model(tokenizer, seed=5)).eval().requires_grad_(False)
+        critic = make_critic(policy, share_trunk=False)
+        if checkpointed:
+            checkpoint_activations(policy)
+            checkpoint_activations(critic.trunk)
+        optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-3) for model in (policy, critic)]
+        batch = train.pad_batch(experience_rows(tokenizer), tokenizer, config, "cpu")
+        experience = train.score_rollouts(policy, reference, critic, batch, config)
+        train.ppo_update(policy, critic, optimizers, batch, experience, config, torch.Generator().manual_seed(0))
+        results.append(torch.cat([p.detach().flatten() for p in [*policy.parameters(), *critic.parameters()]]))
+    assert relative(results[1], results[0]) < (1e-6 if precision == "fp32" else 1e-3)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from stepcoder.data.problem import CALL_SETUP, DIFFICULTIES, DataError, Problem
+from stepcoder.data.synthetic import load_synthetic
 from stepcoder.sandbox import TestCase
 
 BUILTIN_FILE = "builtin_problems.json"
@@ -29,8 +30,11 @@ class Loaded:
 
 
 def load_problems(spec: str, skip_bad: bool = False) -> Loaded:
-    """Loads ``apps_plus:PATH``, ``apps:DIR``, ``humaneval``, ``mbpp:PATH`` or ``builtin``."""
+    """Loads ``apps_plus:PATH``, ``apps:DIR``, ``humaneval``, ``mbpp:PATH``, ``builtin`` or
+    ``synthetic:train|heldout|heldout:SEED`` (generated, see ``stepcoder.data.synthetic``)."""
     name, _, path = spec.partition(":")
+    if name == "synthetic":
+        return Loaded(load_synthetic(path))
     loaders: dict[str, Callable[..., Loaded]] = {"apps_plus": load_apps_plus, "apps": load_apps, "mbpp": load_mbpp}
     if name in ("humaneval", "builtin"):
         if path:
@@ -38,7 +42,7 @@ def load_problems(spec: str, skip_bad: bool = False) -> Loaded:
         return load_humaneval(skip_bad=skip_bad) if name == "humaneval" else load_builtin(skip_bad=skip_bad)
     if name not in loaders:
         raise DataError(f"--data {spec}: unknown source {name!r}; expected apps_plus:PATH, apps:DIR, humaneval, "
-                        "mbpp:PATH or builtin")
+                        "mbpp:PATH, builtin or synthetic:SPLIT")
     if not path:
         raise DataError(f"--data {spec}: {name} needs a path, as in {name}:PATH")
     return loaders[name](path, skip_bad=skip_bad)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from stepcoder.completions import assemble_program
 from stepcoder.sandbox import TestCase
 
-SOURCES = ("apps_plus", "apps", "humaneval", "mbpp", "builtin")
+SOURCES = ("apps_plus", "apps", "humaneval", "mbpp", "builtin", "synthetic")
 DIFFICULTIES = ("introductory", "interview", "competition")
 
 

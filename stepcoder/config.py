@@ -20,11 +20,21 @@ class TrainConfig:
     # model and data
     model_name_or_path: str | None = field(default=None, metadata={"help": "local transformers causal LM; none: "
                                                                            "build the small default model"})
-    data: str = field(default="builtin", metadata={"help": "apps_plus:PATH, apps:DIR, humaneval, mbpp:PATH, builtin"})
+    data: str = field(default="synthetic:train", metadata={"help": "apps_plus:PATH, apps:DIR, humaneval, mbpp:PATH, "
+                                                                   "builtin, synthetic:train"})
     difficulty: str | None = field(default=None, metadata={"help": "only problems of this difficulty"})
     limit: int | None = field(default=None, metadata={"help": "only the first LIMIT problems"})
     output_dir: str = field(default="stepcoder-output", metadata={"help": "metrics, samples, checkpoints"})
     seed: int = 0
+    # held-out evaluation: full programs, before the first update, after the last, every eval_every steps
+    eval_data: str | None = field(default=None, metadata={"help": "problems to evaluate on (specs as --data); "
+                                                                  "default: synthetic:heldout when --data is "
+                                                                  "synthetic:train, else none"})
+    eval_every: int | None = field(default=None, metadata={"help": "also evaluate every N steps"})
+    eval_samples: int = field(default=4, metadata={"help": "programs sampled per held-out problem"})
+    eval_temperature: float = field(default=0.2, metadata={"help": "sampling temperature of the evaluation (0: "
+                                                                   "greedy)"})
+    eval_limit: int | None = field(default=None, metadata={"help": "only the first N held-out problems"})
     # warm-up (supervised pass over canonical solutions)
     sft_steps: int = field(default=0, metadata={"help": "supervised steps on canonical solutions before PPO"})
     sft_learning_rate: float = 1e-4
@@ -106,8 +116,8 @@ class TrainConfig:
 # With no --model_name_or_path the trainer builds a small model from scratch (the embedded default run);
 # these values suit it and apply unless a flag or the config file sets them. Real models keep the
 # conservative defaults above (see README for APPS+ on GPUs).
-SMALL_MODEL_PRESET = {"sft_steps": 150, "sft_learning_rate": 2e-3, "learning_rate": 1e-4,
-                      "critic_learning_rate": 1e-3, "total_steps": 80, "max_new_tokens": 96,
+SMALL_MODEL_PRESET = {"sft_steps": 1000, "sft_learning_rate": 2e-3, "learning_rate": 1e-4,
+                      "critic_learning_rate": 1e-3, "total_steps": 120, "max_new_tokens": 96,
                       "cccs_threshold": 0.9, "sandbox_timeout": 0.5}
 
 CHOICES = {"kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
@@ -117,7 +127,7 @@ CHOICES = {"kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_m
            "strategy": STRATEGIES, "precision": PRECISIONS}
 POSITIVE = ("total_steps", "problems_per_step", "rollouts_per_prompt", "max_new_tokens", "generation_batch_size",
             "ppo_epochs", "num_mini_batches", "gradient_accumulation_steps", "cccs_window", "sandbox_workers",
-            "sandbox_memory_mb", "sample_every", "save_steps", "save_total_limit", "learning_rate", "forward_batch_size",
+            "sandbox_memory_mb", "sample_every", "eval_samples", "save_steps", "save_total_limit", "learning_rate", "forward_batch_size",
             "critic_learning_rate", "sft_learning_rate", "temperature", "sandbox_timeout", "max_grad_norm")
 NON_NEGATIVE = ("sft_steps", "cliprange", "cliprange_value", "kl_coef", "entropy_coef", "seed", "truncation_penalty",
                 "warmup_steps")
@@ -188,6 +198,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             values[item.name] = _convert(item.name, flag, "--")
     if values.get("model_name_or_path") is None:
         values = {**SMALL_MODEL_PRESET, **values}
+    if "eval_data" not in values and values.get("data", TrainConfig.data) == "synthetic:train":
+        values["eval_data"] = "synthetic:heldout"
     config = TrainConfig(**values)
     validate(config)
     return config
@@ -234,8 +246,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"cliprange: must be < 1, got {config.cliprange}")
     if config.dual_clip is not None and config.dual_clip <= 1:
         raise ConfigError(f"dual_clip: must be > 1, got {config.dual_clip}")
-    if config.limit is not None and config.limit < 1:
-        raise ConfigError(f"limit: must be >= 1, got {config.limit}")
+    for name in ("limit", "eval_limit", "eval_every"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {getattr(config, name)}")
+    if not config.eval_temperature >= 0:
+        raise ConfigError(f"eval_temperature: must be >= 0, got {config.eval_temperature}")
     batch = config.problems_per_step * config.rollouts_per_prompt
     if batch % config.num_mini_batches:
         raise ConfigError(f"num_mini_batches: {config.num_mini_batches} must divide the rollouts per step "

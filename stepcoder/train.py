@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from stepcoder import checkpoint, kernels
 from stepcoder.cccs import Curriculum, prefixes
@@ -51,6 +52,7 @@ from stepcoder.distributed import (
 )
 from stepcoder.fgo import token_mask
 from stepcoder.generation import encode_prompts, only_these_settings, sampling_config
+from stepcoder.heldout import Evaluation, compare, describe, evaluate_policy, plot_curve
 from stepcoder.kernels.reference import kl_penalty
 from stepcoder.models import (
     build_default_model,
@@ -370,7 +372,8 @@ def supervised_warmup(policy, tokenizer, problems: list[Problem], stages: dict[s
     generator = random.Random(config.seed)
     policy.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(config.sft_steps):
+    for _ in tqdm(range(config.sft_steps), desc="supervised warm-up", unit="step", disable=world()[0] != 0,
+                  leave=False):
         chosen = [examples[generator.randrange(len(examples))] for _ in range(16)]
         width = max(len(p) + len(t) for p, t in chosen)
         ids = torch.full((len(chosen), width), tokenizer.pad_token_id)
@@ -407,6 +410,7 @@ class Logger:
         self.output = Path(config.output_dir)
         self.enabled = world()[0] == 0
         self.history: list[dict] = []
+        self.evals: list[dict] = []  # held-out evaluation rows, also in metrics.jsonl
         self.board = None
         if not self.enabled:
             return
@@ -414,8 +418,12 @@ class Logger:
         if resumed_at is not None and metrics.exists():
             # Steps after the checkpoint were lost with the interrupted run; they are done again.
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            self.history = [row for row in rows if row["step"] <= resumed_at]
-        metrics.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+            rows = [row for row in rows if row["step"] <= resumed_at]
+            self.history = [row for row in rows if "eval_pass@1" not in row]
+            self.evals = [row for row in rows if "eval_pass@1" in row]
+            metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            metrics.write_text("")
         if config.report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -435,6 +443,15 @@ class Logger:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) and name != "step":
                     self.board.add_scalar(name, value, metrics["step"])
+
+    def evaluation(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.evals.append(row)
+        with open(self.output / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            self.board.add_scalar("eval_pass@1", row["eval_pass@1"], row["step"])
 
     def samples(self, step: int, samples: list[Sample]) -> None:
         if not self.enabled:
@@ -503,6 +520,48 @@ def select_problems(config: TrainConfig) -> list[Problem]:
     if not problems:
         raise DataError(f"no problems to train on in {config.data}")
     return problems
+
+
+def select_eval_problems(config: TrainConfig) -> list[Problem]:
+    """The held-out problems (--eval_data, first --eval_limit), or none; a warning when they are the
+    training problems themselves."""
+    if config.eval_data is None:
+        return []
+    problems = load_problems(config.eval_data).problems
+    problems = problems[:config.eval_limit] if config.eval_limit else problems
+    if config.eval_data == config.data and world()[0] == 0:
+        print(f"warning: --eval_data {config.eval_data} is the training data: the evaluation does not measure "
+              "generalisation", file=sys.stderr)
+    return problems
+
+
+def held_out_evaluation(policy, tokenizer, problems: list[Problem], sandbox: Sandbox, config: TrainConfig, device,
+                        step: int, logger: Logger) -> None:
+    """Full programs sampled at eval_temperature (top_p 1), judged as `evaluate` judges them; the row goes
+    to metrics.jsonl and the per-problem counts to eval/step-N.json."""
+    settings = dataclasses.replace(config, temperature=config.eval_temperature, top_p=1.0)
+    sample = functools.partial(generate, policy, tokenizer, config=settings, device=device)
+    chat = {"auto": None, "on": True, "off": False}[config.chat]
+    evaluation = evaluate_policy(sample, tokenizer, problems, config.eval_samples, sandbox, chat, step,
+                                 config.generation_batch_size)
+    if logger.enabled:
+        evaluation.save(logger.output)
+        logger.evaluation(evaluation.row(config.eval_data, config.eval_temperature))
+
+
+def report_evaluations(logger: Logger, config: TrainConfig) -> None:
+    """eval_curve.png; and, when the run has evaluated its start and its end, eval_summary.json and the
+    before/after lines with their confidence intervals."""
+    if not logger.enabled or not logger.evals:
+        return
+    plot_curve(logger.evals, logger.output / "eval_curve.png")
+    before, after = Evaluation.load(logger.output, 0), Evaluation.load(logger.output, config.total_steps)
+    if before is None or after is None:
+        return
+    comparison = compare(before, after)
+    (logger.output / "eval_summary.json").write_text(json.dumps(
+        {"eval_data": config.eval_data, "temperature": config.eval_temperature, **comparison}, indent=2) + "\n")
+    print(describe(comparison, config.eval_data, config.eval_temperature))
 
 
 def problem_batch(problems: list[Problem], position: int, config: TrainConfig, seed: int) -> list[Problem]:
@@ -619,6 +678,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         (output / "config.json").write_text(to_json(config))
     try:
         problems = select_problems(config)
+        eval_problems = select_eval_problems(config)
     except DataError as error:
         sys.exit(f"error: {error}")
     random.seed(config.seed)
@@ -661,15 +721,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             curriculum.load_state_dict(json.loads((resume_from / "curriculum.json").read_text()))
     logger = Logger(config, resumed_at=trainer_state["step"] if resume_from is not None else None)
 
-    from tqdm.auto import tqdm
-
     first_step = trainer_state["step"]
     last_step = config.total_steps if config.stop_after_steps is None else min(
         config.total_steps, first_step + config.stop_after_steps)
-    progress = tqdm(range(first_step, last_step), desc="ppo", unit="step", disable=rank != 0)
     with Sandbox(workers=config.sandbox_workers, timeout=config.sandbox_timeout, memory_mb=config.sandbox_memory_mb,
                  trace=not config.no_fgo,
                  stop_on_first_failure=config.no_fgo or config.fgo_coverage == "first_failure") as sandbox:
+        if eval_problems and first_step == 0:
+            held_out_evaluation(train_policy, tokenizer, eval_problems, sandbox, config, device, 0, logger)
+        progress = tqdm(range(first_step, last_step), desc="ppo", unit="step", disable=rank != 0)
         for step in progress:
             timings: dict[str, float] = {}
             chosen = problem_batch(problems, trainer_state["position"], config, config.seed)
@@ -696,6 +756,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  stage=f"{metrics['cccs_stage_mean']:.2f}")
             trainer_state = {"step": step + 1,
                              "position": trainer_state["position"] + config.problems_per_step * world_size}
+            if eval_problems and (step + 1 == config.total_steps or (config.eval_every and
+                                                                      (step + 1) % config.eval_every == 0)):
+                held_out_evaluation(train_policy, tokenizer, eval_problems, sandbox, config, device, step + 1, logger)
             if (step + 1) % config.save_steps == 0 or step + 1 == last_step:
                 checkpoint.save(output, step + 1, {"policy": train_policy, "critic": train_critic,
                                                    "reference": reference}, tokenizer, optimizers, schedulers,
@@ -703,6 +766,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 config.share_trunk, config.save_total_limit)
     if rank == 0 and logger.history:
         print(summarize(logger.history, time.perf_counter() - started))
+    report_evaluations(logger, config)
     return logger.history
 
 

@@ -125,7 +125,7 @@ def test_a_checkpoints_reference_and_policy_are_judged_side_by_side(tmp_path, ca
     from stepcoder import train
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the trainer on the CPU runs the PyTorch references
-    train.main(["--limit", "4", "--problems_per_step", "2", "--rollouts_per_prompt", "2", "--max_new_tokens", "24",
+    train.main(["--data", "builtin", "--limit", "4", "--problems_per_step", "2", "--rollouts_per_prompt", "2", "--max_new_tokens", "24",
                 "--sft_steps", "10", "--sandbox_workers", "1", "--total_steps", "1",
                 "--output_dir", str(tmp_path / "run")])
     checkpoint = tmp_path / "run" / "checkpoint-1"

@@ -1,11 +1,14 @@
-"""pass@k against a brute-force enumeration over subsets."""
+"""pass@k against a brute-force enumeration over subsets; the bootstrap interval against the normal
+approximation and against its coverage on fresh draws."""
 from __future__ import annotations
 
 import itertools
 
 import pytest
 
-from stepcoder.metrics import pass_at_k
+import numpy as np
+
+from stepcoder.metrics import bootstrap_ci, pass_at_k
 
 
 def brute_force(n: int, c: int, k: int) -> float:
@@ -32,3 +35,25 @@ def test_pass_at_k_is_stable_for_large_n():
 def test_pass_at_k_rejects_impossible_counts(n, c, k):
     with pytest.raises(ValueError):
         pass_at_k(n, c, k)
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    """For a mean over many problems the percentile bootstrap and mean +- 1.96 standard errors agree."""
+    rng = np.random.default_rng(7)
+    values = rng.binomial(4, 0.3, size=400) / 4  # 400 problems' pass rates from 4 samples each
+    low, high = bootstrap_ci(values.tolist(), resamples=20000, seed=1)
+    error = values.std(ddof=1) / np.sqrt(len(values))
+    assert low == pytest.approx(values.mean() - 1.96 * error, abs=0.15 * error)
+    assert high == pytest.approx(values.mean() + 1.96 * error, abs=0.15 * error)
+
+
+def test_bootstrap_interval_covers_the_true_mean_about_95_percent_of_the_time():
+    rng = np.random.default_rng(11)
+    covered = 0
+    for trial in range(300):
+        values = rng.binomial(4, 0.4, size=150) / 4
+        low, high = bootstrap_ci(values.tolist(), resamples=1000, seed=trial)
+        covered += low <= 0.4 <= high
+    assert 0.90 <= covered / 300 <= 0.99
+    with pytest.raises(ValueError):
+        bootstrap_ci([])

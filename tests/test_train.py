@@ -18,7 +18,7 @@ from stepcoder.data import DataError, load_builtin
 from stepcoder.models import build_default_model, build_default_tokenizer, make_critic
 from stepcoder.schedules import learning_rate_factor
 
-TINY = ["--limit", "8", "--problems_per_step", "4", "--rollouts_per_prompt", "2", "--max_new_tokens", "40",
+TINY = ["--data", "builtin", "--limit", "8", "--problems_per_step", "4", "--rollouts_per_prompt", "2", "--max_new_tokens", "40",
         "--sft_steps", "20", "--generation_batch_size", "8", "--num_mini_batches", "2", "--sandbox_workers", "1",
         "--save_steps", "100", "--sample_every", "1"]
 REQUIRED = ("step", "reward_mean", "pass_rate", "kl", "entropy", "clipfrac", "value_loss", "cccs_stage_mean",
@@ -137,7 +137,7 @@ def test_the_reference_after_resume_is_exactly_the_starting_policy(tmp_path, ext
     checkpoint. Its weights and log-probs equal those of the fresh start to the bit (no shrunk embedding
     matrix, no random new rows); the first step's KL is 0."""
     _real_like_model(tmp_path / "base", extra_rows)
-    argv = ["--model_name_or_path", str(tmp_path / "base"), "--sft_steps", "0", "--limit", "4",
+    argv = ["--model_name_or_path", str(tmp_path / "base"), "--sft_steps", "0", "--data", "builtin", "--limit", "4",
             "--problems_per_step", "2", "--rollouts_per_prompt", "2", "--max_new_tokens", "16",
             "--sandbox_workers", "1", "--output_dir", str(tmp_path / "run"), "--total_steps", "2"]
     first = train.main([*argv, "--stop_after_steps", "1"])
@@ -282,7 +282,8 @@ def test_config_file_values_and_errors(tmp_path):
 
 def test_default_run_test_sized_improves(tmp_path):
     """The embedded default, shortened: pass rate and reward of the last quarter beat the first."""
-    history = train.main(["--output_dir", str(tmp_path / "default"), "--total_steps", "40"])
+    history = train.main(["--data", "builtin", "--sft_steps", "150", "--output_dir", str(tmp_path / "default"),
+                          "--total_steps", "40"])
     quarter = len(history) // 4
     first, last = history[:quarter], history[-quarter:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
@@ -305,3 +306,40 @@ def test_losses_from_hidden_states_match_the_logits_path():
         from_hidden = train.response_logprobs(model, batch, slice(None), fused)
         from_logits = train.response_logprobs(model, batch, slice(None), plain)
     torch.testing.assert_close(from_hidden, from_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_held_out_evaluation_before_and_after_agrees_with_evaluate(tmp_path, capsys):
+    """The default data with its held-out split, test-sized: evaluation rows at the start, every
+    eval_every steps and the end; each row's figures recomputed from its per-problem file; greedy
+    verdicts equal to what `python -m stepcoder.evaluate` gives the saved start and end models."""
+    from stepcoder import evaluate
+
+    out = tmp_path / "run"
+    train.main(["--output_dir", str(out), "--total_steps", "2", "--sft_steps", "30", "--eval_limit", "12",
+                "--eval_samples", "1", "--eval_temperature", "0", "--eval_every", "1", "--problems_per_step", "4",
+                "--rollouts_per_prompt", "2", "--max_new_tokens", "40", "--sandbox_workers", "1"])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["data"], config["eval_data"]) == ("synthetic:train", "synthetic:heldout")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "eval_pass@1" in row]
+    assert [row["step"] for row in evals] == [0, 1, 2]
+    for row in evals:
+        saved = json.loads((out / "eval" / f"step-{row['step']}.json").read_text())
+        assert len(saved["passed"]) == row["eval_problems"] == 12
+        assert row["eval_pass@1"] == pytest.approx(sum(saved["passed"].values()) / 12)
+        assert sum(row["eval_outcomes"].values()) == 12
+        low, high = row["eval_pass@1_ci95"]
+        assert 0 <= low <= row["eval_pass@1"] <= high <= 1
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert (summary["before"]["step"], summary["after"]["step"]) == (0, 2)
+    assert summary["difference"] == pytest.approx(evals[-1]["eval_pass@1"] - evals[0]["eval_pass@1"])
+    assert summary["difference_ci95"][0] <= summary["difference"] <= summary["difference_ci95"][1]
+    assert (out / "eval_curve.png").stat().st_size > 0
+    assert "held-out pass@1 on synthetic:heldout (12 problems x 1 samples, T=0.0)" in capsys.readouterr().out
+
+    checkpoint = out / "checkpoint-2"
+    for model, step in (("reference", 0), ("policy", 2)):
+        report = evaluate.main(["--model", str(checkpoint / model), "--data", "synthetic:heldout", "--limit", "12",
+                                "--temperature", "0", "--max_new_tokens", "40", "--workers", "1", "--timeout", "0.5"])
+        judged = {verdict: count for verdict, count in report["outcomes"].items() if count}
+        assert judged == evals[step]["eval_outcomes"], model

@@ -1,0 +1,157 @@
+"""Held-out evaluation inside a training run (``--eval_data``): pass@1 of full programs on problems the
+run does not train on, judged exactly as ``python -m stepcoder.evaluate`` judges them (the prompt with
+the starter code, ``Problem.program(completion)``), with a 95 % bootstrap interval over problems.
+
+The trainer evaluates the starting policy before its first update and the trained one after its last
+(and every ``--eval_every`` steps): each evaluation is a row in ``metrics.jsonl``, its per-problem pass
+counts in ``eval/step-N.json`` (so before/after differences are paired by problem, also across a
+resume), the curve in ``eval_curve.png`` and the before/after comparison in ``eval_summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepcoder.data import Problem
+from stepcoder.detokenize import continuation
+from stepcoder.distributed import all_gather, world
+from stepcoder.metrics import bootstrap_ci, pass_at_k
+from stepcoder.prompts import build_prompt
+from stepcoder.sandbox import Sandbox
+
+KS = (1, 5, 10)
+Sampler = Callable[[list[str]], list[tuple[list[int], list[int]]]]  # prompts -> (prompt ids, response ids)
+
+
+@dataclass
+class Evaluation:
+    """One evaluation: how many of each problem's `samples` programs passed, and every verdict's count."""
+
+    step: int
+    samples: int
+    passed: dict[str, int]
+    outcomes: dict[str, int]
+    seconds: float
+
+    def rates(self) -> list[float]:
+        """Each problem's pass rate (its pass@1 estimate), in problem-id order."""
+        return [self.passed[key] / self.samples for key in sorted(self.passed)]
+
+    def pass_at(self, k: int) -> float:
+        return sum(pass_at_k(self.samples, count, k) for count in self.passed.values()) / len(self.passed)
+
+    def row(self, data: str, temperature: float) -> dict:
+        """The metrics.jsonl row: pass@1 with its 95 % interval, pass@k where `samples` allows."""
+        low, high = bootstrap_ci(self.rates())
+        return {"step": self.step, "eval_data": data, "eval_problems": len(self.passed),
+                "eval_samples": self.samples, "eval_temperature": temperature, "eval_pass@1": self.pass_at(1),
+                "eval_pass@1_ci95": [low, high],
+                "eval_pass@k": {str(k): self.pass_at(k) for k in KS if k <= self.samples},
+                "eval_outcomes": self.outcomes, "time_eval_s": round(self.seconds, 2)}
+
+    def save(self, output: Path) -> None:
+        folder = output / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / f"step-{self.step}.json.tmp"
+        temporary.write_text(json.dumps({"step": self.step, "samples": self.samples, "passed": self.passed,
+                                         "outcomes": self.outcomes, "seconds": self.seconds}, indent=1))
+        os.replace(temporary, folder / f"step-{self.step}.json")
+
+    @classmethod
+    def load(cls, output: Path, step: int) -> Evaluation | None:
+        file = output / "eval" / f"step-{step}.json"
+        return cls(**json.loads(file.read_text())) if file.exists() else None
+
+
+def evaluate_policy(sample: Sampler, tokenizer, problems: list[Problem], samples: int, sandbox: Sandbox,
+                    chat: bool | None, step: int, batch_size: int) -> Evaluation:
+    """`samples` full programs per problem from `sample`, judged in `sandbox`. Under torchrun each rank
+    takes an equal share (padded with repeats whose verdicts are dropped), so every rank makes the same
+    number of generate calls, as sharded generation requires; the counts are gathered on every rank."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    rank, world_size = world()
+    share = math.ceil(len(problems) / world_size)
+    mine = problems[rank * share:(rank + 1) * share]
+    work = [(problem, True) for problem in mine] + [(problems[0], False)] * (share - len(mine))
+    work = [item for item in work for _ in range(samples)]
+    special = set(tokenizer.all_special_ids)
+    futures = []
+    for begin in tqdm(range(0, len(work), batch_size), desc=f"held-out eval (step {step})", unit="batch",
+                      disable=rank != 0, leave=False):
+        chunk = work[begin:begin + batch_size]
+        prompts = [build_prompt(problem, "", tokenizer, chat) for problem, _ in chunk]
+        for (problem, counted), (prompt_ids, response_ids) in zip(chunk, sample(prompts)):
+            if counted:
+                text = continuation(tokenizer, prompt_ids, [t for t in response_ids if t not in special])[0]
+                futures.append((problem.id, sandbox.submit(*problem.job(problem.program(text)))))
+    passed: Counter = Counter({problem.id: 0 for problem in mine})
+    outcomes: Counter = Counter()
+    for problem_id, future in futures:
+        verdict = future.result().verdict
+        passed[problem_id] += verdict == "pass"
+        outcomes[verdict] += 1
+    total_passed, total_outcomes = {}, Counter()
+    for part_passed, part_outcomes in all_gather((dict(passed), dict(outcomes))):
+        total_passed.update(part_passed)
+        total_outcomes.update(part_outcomes)
+    return Evaluation(step, samples, total_passed, dict(total_outcomes), time.perf_counter() - start)
+
+
+def compare(before: Evaluation, after: Evaluation) -> dict:
+    """Before vs after on the same problems: each pass@1 with its interval, and the paired difference's
+    95 % bootstrap interval (problems resampled, each keeping its own before and after)."""
+    if set(before.passed) != set(after.passed):
+        raise ValueError("the two evaluations are not over the same problems")
+    differences = [a - b for a, b in zip(after.rates(), before.rates())]
+    low, high = bootstrap_ci(differences)
+    return {"before": {"step": before.step, "pass@1": before.pass_at(1), "ci95": list(bootstrap_ci(before.rates()))},
+            "after": {"step": after.step, "pass@1": after.pass_at(1), "ci95": list(bootstrap_ci(after.rates()))},
+            "difference": after.pass_at(1) - before.pass_at(1), "difference_ci95": [low, high],
+            "problems": len(before.passed), "samples": before.samples}
+
+
+def describe(comparison: dict, data: str, temperature: float) -> str:
+    """The comparison in two lines, percentages with their intervals."""
+    def pct(value: float) -> str:
+        return f"{100 * value:.1f}%"
+
+    before, after = comparison["before"], comparison["after"]
+    low, high = comparison["difference_ci95"]
+    verdict = "excludes 0" if low > 0 or high < 0 else "includes 0"
+    return (f"held-out pass@1 on {data} ({comparison['problems']} problems x {comparison['samples']} samples, "
+            f"T={temperature}):\n"
+            f"  step {before['step']} {pct(before['pass@1'])} [{pct(before['ci95'][0])}, {pct(before['ci95'][1])}]"
+            f" -> step {after['step']} {pct(after['pass@1'])} [{pct(after['ci95'][0])}, {pct(after['ci95'][1])}];"
+            f" difference {100 * comparison['difference']:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]"
+            f" (95% CI, {verdict})")
+
+
+def plot_curve(rows: Sequence[dict], path: Path, title: str = "held-out pass@1") -> None:
+    """Held-out pass@1 over steps with its 95 % interval as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda row: row["step"])
+    steps = [row["step"] for row in rows]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(steps, [100 * row["eval_pass@1"] for row in rows], marker="o")
+    axes.fill_between(steps, [100 * row["eval_pass@1_ci95"][0] for row in rows],
+                      [100 * row["eval_pass@1_ci95"][1] for row in rows], alpha=0.25)
+    axes.set_xlabel("PPO step")
+    axes.set_ylabel("pass@1 (%)")
+    axes.set_title(f"{title} ({rows[0]['eval_data']}, T={rows[0]['eval_temperature']})")
+    figure.tight_layout()
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)

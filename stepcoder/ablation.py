@@ -105,6 +105,7 @@ def build_start(train_args: list[str], output: Path) -> Path:
     """The shared start: the user's model, or (with --sft_steps, or for the small default model) a
     warm-up over every CCCS stage of the training problems, saved once in OUT/start."""
     from stepcoder import train
+    from stepcoder.models import quiet_transformers
 
     config = parse_config([*train_args, "--output_dir", str(output / "start")])
     if config.model_name_or_path is not None and config.sft_steps == 0:
@@ -119,10 +120,17 @@ def build_start(train_args: list[str], output: Path) -> Path:
     stages = train.cccs_stages(problems, config)  # every arm's warm-up sees every stage: the same start
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy, _, tokenizer, _, _ = train.build_models(config, problems, stages, None, device)
-    policy.save_pretrained(start)
+    with quiet_transformers():
+        policy.save_pretrained(start)
     tokenizer.save_pretrained(start)
     (start / "DONE").write_text("")
     return start
+
+
+def say(message: str) -> None:
+    """One whole line, also when several runs report at once."""
+    sys.stdout.write(f"[ablation] {message}\n")
+    sys.stdout.flush()
 
 
 def run_arm(arm: str, seed: int, shared: list[str], output: Path, launcher: str, threads: int | None) -> Path:
@@ -134,16 +142,16 @@ def run_arm(arm: str, seed: int, shared: list[str], output: Path, launcher: str,
             "--output_dir", str(folder)]
     if any(folder.glob("checkpoint-*")):
         argv += ["--resume_from_checkpoint", "latest"]
-    print(f"[ablation] {arm} seed {seed}: {shlex.join(argv)}", flush=True)
+    say(f"{arm} seed {seed}: {shlex.join(argv)}")
     folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    env, began = dict(os.environ), time.perf_counter()
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(folder / "train.log", "a") as log:
         done = subprocess.run(argv, check=False, stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0 or not (folder / "eval_summary.json").exists():
         raise SystemExit(f"error: {arm} seed {seed} failed (exit {done.returncode}); see {folder / 'train.log'}")
-    print(f"[ablation] {arm} seed {seed}: done", flush=True)
+    say(f"{arm} seed {seed}: done in {(time.perf_counter() - began) / 60:.1f} min")
     return folder
 
 

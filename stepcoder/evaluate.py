@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("problems")
     data.add_argument("--data", default="builtin",
-                      help="apps_plus:PATH, apps:DIR, humaneval, mbpp:PATH or builtin")
+                      help="apps_plus:PATH, apps:DIR, humaneval, mbpp:PATH, builtin, synthetic:train, "
+                           "synthetic:heldout or synthetic:heldout:SEED")
     data.add_argument("--difficulty", choices=DIFFICULTIES, help="only problems of this difficulty")
     data.add_argument("--limit", type=int, help="only the first LIMIT problems (after --difficulty)")
     data.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed problems instead of failing")

@@ -11,8 +11,9 @@ One step, top to bottom (CleanRL's PPO is the model):
      clipped value loss (action mask), each normalised by the global count of its tokens;
   5. the curriculum advances problems whose recent pass rate reached rho; metrics, samples, checkpoints.
 
-With no arguments it builds a small GPT-2 and tokenizer offline, warms them up on the built-in
-problems' canonical solutions, and trains on the built-in problems on the CPU.
+With no arguments it builds a small GPT-2 and tokenizer offline, warms them up on the canonical
+solutions of the generated training problems (``synthetic:train``), trains on them on the CPU, and
+evaluates held-out pass@1 (``synthetic:heldout``) before the first update and after the last.
 """
 from __future__ import annotations
 
@@ -434,24 +435,24 @@ class Logger:
                 self.board = SummaryWriter(str(self.output / "tensorboard"))
 
     def step(self, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        self.history.append(metrics)
-        with open(self.output / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.board is not None:
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)) and name != "step":
-                    self.board.add_scalar(name, value, metrics["step"])
+        """A step's row: in history, metrics.jsonl and TensorBoard."""
+        if self.enabled:
+            self.history.append(metrics)
+            self._write(metrics)
 
     def evaluation(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        self.evals.append(row)
+        """A held-out evaluation's row: in metrics.jsonl (beside the steps) and TensorBoard."""
+        if self.enabled:
+            self.evals.append(row)
+            self._write(row)
+
+    def _write(self, row: dict) -> None:
         with open(self.output / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.board is not None:
-            self.board.add_scalar("eval_pass@1", row["eval_pass@1"], row["step"])
+            for name, value in row.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.board.add_scalar(name, value, row["step"])
 
     def samples(self, step: int, samples: list[Sample]) -> None:
         if not self.enabled:
@@ -529,6 +530,8 @@ def select_eval_problems(config: TrainConfig) -> list[Problem]:
         return []
     problems = load_problems(config.eval_data).problems
     problems = problems[:config.eval_limit] if config.eval_limit else problems
+    if not problems:
+        raise DataError(f"no problems to evaluate on in {config.eval_data}")
     if config.eval_data == config.data and world()[0] == 0:
         print(f"warning: --eval_data {config.eval_data} is the training data: the evaluation does not measure "
               "generalisation", file=sys.stderr)

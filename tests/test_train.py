@@ -280,10 +280,12 @@ def test_config_file_values_and_errors(tmp_path):
         parse_config(["--no_such_flag", "1"])
 
 
-def test_default_run_test_sized_improves(tmp_path):
-    """The embedded default, shortened: pass rate and reward of the last quarter beat the first."""
+def test_ppo_on_the_builtin_problems_improves(tmp_path):
+    """The small model on the 48 built-in problems (the first default run), per-problem curriculum: pass
+    rate and reward of the last quarter of 40 steps beat the first."""
     history = train.main(["--data", "builtin", "--sft_steps", "150", "--output_dir", str(tmp_path / "default"),
-                          "--total_steps", "40"])
+                          "--total_steps", "40", "--cccs_mode", "per_problem", "--cccs_threshold", "0.9",
+                          "--cccs_window", "8"])
     quarter = len(history) // 4
     first, last = history[:quarter], history[-quarter:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731

@@ -34,7 +34,7 @@ from stepcoder.config import SMALL_MODEL_PRESET, ConfigError, build_parser, pars
 from stepcoder.heldout import KS, Evaluation
 
 ARMS = {"full": [], "no_fgo": ["--no_fgo"], "no_cccs": ["--no_cccs"], "vanilla": ["--no_fgo", "--no_cccs"]}
-# For the small default model: 80 PPO steps (the default run takes 120), evaluated at steps 0, 40 and 80 on
+# For the small default model: 80 PPO steps (the default run takes 60), evaluated at steps 0, 40 and 80 on
 # the first 200 held-out problems, so 4 arms x 3 seeds take under an hour on 2 cores.
 SMALL_MODEL_DEFAULTS = {"total_steps": 80, "eval_every": 40, "eval_limit": 200}
 

@@ -118,10 +118,11 @@ class TrainConfig:
 # conservative defaults above (see README for APPS+ on GPUs). The curriculum is global: with 1000 training
 # problems a per-problem window of 8 rollouts never fills (8 problems x 4 rollouts per step), so every
 # problem stayed at its first stage and held-out pass@1 of full programs fell (-2.0 points after 80 steps)
-# where the arms that train on full programs gained (+5.6); one stage for all, advanced when a step's 32
-# rollouts pass at 0.5, reaches full generation within about 40 steps.
+# where the arms that train on full programs gained (+5.6); one stage for all advances when a step's 32
+# rollouts pass at 0.5. 60 PPO steps: in the ablation's 12 runs the held-out gain was reached by step 40
+# and did not grow after (benchmarks/RESULTS.md).
 SMALL_MODEL_PRESET = {"sft_steps": 1000, "sft_learning_rate": 2e-3, "learning_rate": 1e-4,
-                      "critic_learning_rate": 1e-3, "total_steps": 120, "max_new_tokens": 96,
+                      "critic_learning_rate": 1e-3, "total_steps": 60, "max_new_tokens": 96,
                       "cccs_mode": "global", "cccs_threshold": 0.5, "cccs_window": 32, "sandbox_timeout": 0.5}
 
 CHOICES = {"kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),

@@ -41,7 +41,9 @@ SMALL_MODEL_DEFAULTS = {"total_steps": 80, "eval_every": 40, "eval_limit": 200}
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m stepcoder.ablation", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     epilog="Options after -- (and any this command does not know) go to every "
+                                            "training run: see python -m stepcoder.train --help.")
     parser.add_argument("--output_dir", default="stepcoder-ablation", help="the start, every run, the table")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per arm (0 .. SEEDS-1)")

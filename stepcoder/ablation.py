@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from stepcoder.config import SMALL_MODEL_PRESET, ConfigError, build_parser, parse_config
-from stepcoder.heldout import KS, Evaluation
+from stepcoder.heldout import Evaluation
+from stepcoder.metrics import KS
+from stepcoder.output import new_figure, save_figure, write_atomically
 
 ARMS = {"full": [], "no_fgo": ["--no_fgo"], "no_cccs": ["--no_cccs"], "vanilla": ["--no_fgo", "--no_cccs"]}
 # For the small default model: 80 PPO steps (the default run takes 60), evaluated at steps 0, 40 and 80 on
@@ -228,23 +230,14 @@ def markdown(rows: dict, title: str) -> str:
 
 
 def plot(rows: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = new_figure((6, 4))
     for arm, row in rows.items():
         steps, values = zip(*row["curve"])
         axes.plot(steps, [100 * v for v in values], marker="o", label=arm)
     axes.set_xlabel("PPO step")
     axes.set_ylabel("held-out pass@1 (%), mean over seeds")
     axes.legend()
-    figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -272,8 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     title = (f"{config.eval_data}: {rows[args.arms[0]]['problems']} held-out problems x "
              f"{rows[args.arms[0]]['samples']} samples at T={config.eval_temperature}, {args.seeds} seeds per arm")
     report = {"title": title, "arms": rows, "train_options": shared, "seconds": round(time.perf_counter() - started)}
-    (output / "ablation.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / "ablation.md").write_text(markdown(rows, title))
+    write_atomically(output / "ablation.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(output / "ablation.md", markdown(rows, title))
     plot(rows, output / "ablation.png")
     print(markdown(rows, title))
     return report

@@ -20,6 +20,12 @@ ANCHOR_TOKENS = 4  # prompt tokens decoded before the response
 REPLACEMENT = "\ufffd"  # what a decoder shows for the bytes of a character not yet complete
 
 
+def code_tokens(tokenizer, token_ids: Sequence[int]) -> list[int]:
+    """Generated tokens without the special ones (EOS, padding), which carry no code."""
+    special = set(tokenizer.all_special_ids)
+    return [token for token in token_ids if token not in special]
+
+
 def continuation(tokenizer, context_ids: Sequence[int], token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
     """(text, spans): what `token_ids` add after `context_ids` (the prompt, or nothing), and each
     token's (start, end) in that text. A token that only starts a multi-byte character has an empty

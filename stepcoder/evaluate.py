@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from stepcoder.data import DIFFICULTIES, DataError, Problem, load_problems
-from stepcoder.metrics import pass_at_k
+from stepcoder.metrics import KS, pass_at_k
+from stepcoder.output import new_figure, save_figure, write_atomically
 from stepcoder.sandbox import VERDICTS, Sandbox
 
-KS = (1, 5, 10)
 FAILURES = ("compile_error", "runtime_error", "wrong_answer", "timeout", "memory_limit", "output_limit", "violation")
 
 
@@ -147,11 +147,11 @@ def candidates(args: argparse.Namespace, problems: list[Problem],
     from transformers import set_seed
 
     from stepcoder.generation import load_model, sample
-    from stepcoder.prompts import build_prompt
+    from stepcoder.prompts import build_prompt, chat_option
 
     set_seed(args.seed)  # the same for every model, so compared models sample under the same seed
     model, tokenizer = load_model(model_path)
-    chat = {"auto": None, "on": True, "off": False}[args.chat]
+    chat = chat_option(args.chat)
     prompts = [build_prompt(problem, tokenizer=tokenizer, chat=chat) for problem in problems]
     with torch.inference_mode():
         completions = sample(model, tokenizer, prompts, args.n, args.temperature, args.top_p, args.max_new_tokens,
@@ -287,25 +287,20 @@ def model_labels(paths: list[str]) -> list[str]:
 def write_outputs(directory: str | Path, summary: dict, scores: list[ProblemScore]) -> None:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "report.json", json.dumps(summary, indent=2) + "\n")
+    write_atomically(out / "report.json", json.dumps(summary, indent=2) + "\n")
     lines = [json.dumps({"task_id": s.problem.id, "sample": i, "difficulty": s.problem.difficulty, "verdict": v,
                          "detail": d, **({"warnings": w} if w else {})})
              for s in scores for i, (v, d, w) in enumerate(zip(s.verdicts, s.details, s.warnings))]
-    _atomic_write(out / "verdicts.jsonl", "".join(line + "\n" for line in lines))
+    write_atomically(out / "verdicts.jsonl", "".join(line + "\n" for line in lines))
     plot_outcomes(summary, out / "outcomes.png")
 
 
 def plot_outcomes(summary: dict, path: Path) -> None:
     """Bars: the share of each verdict among all programs, per difficulty and overall."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = list(summary["by_difficulty"].items()) + [("all", summary)]
     shown = [v for v in VERDICTS if any(part["outcomes"].get(v, 0) for _, part in groups)] or ["pass"]
     width = 0.8 / len(shown)
-    figure, axes = plt.subplots(figsize=(max(6, 1.8 * len(groups)), 4))
+    figure, axes = new_figure((max(6, 1.8 * len(groups)), 4))
     for index, verdict in enumerate(shown):
         heights = [part["outcomes"].get(verdict, 0) / max(part["num_programs"], 1) for _, part in groups]
         axes.bar([g + index * width for g in range(len(groups))], heights, width, label=verdict)
@@ -314,17 +309,7 @@ def plot_outcomes(summary: dict, path: Path) -> None:
     axes.set_ylim(0, 1)
     axes.set_title("Outcomes by difficulty")
     axes.legend(fontsize="small", ncol=2)
-    figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -375,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         comparison = {"models": {label: {"path": path, "directory": f"model-{index}", "pass@k": summary["pass@k"],
                                          "outcomes": summary["outcomes"]}
                                  for index, (label, path) in enumerate(zip(labels, models))}}
-        _atomic_write(out / "comparison.json", json.dumps(comparison, indent=2) + "\n")
+        write_atomically(out / "comparison.json", json.dumps(comparison, indent=2) + "\n")
         folders = ", ".join(f"model-{index}/ = {label}" for index, label in enumerate(labels))
         print(f"wrote {args.output}/comparison.json; report.json, verdicts.jsonl, outcomes.png in {folders}")
     return {"models": summaries}

@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from stepcoder.detokenize import continuation
+from stepcoder.detokenize import code_tokens, continuation
 from stepcoder.prompts import STOP_STRING
 
 # Files any one of which makes a directory's tokenizer loadable (fast, SentencePiece, byte-level BPE, WordPiece).
@@ -99,7 +99,6 @@ def sample(model, tokenizer, prompts: Sequence[str], n: int, temperature: float,
     greedy = temperature == 0
     copies = 1 if greedy else n
     settings = sampling_config(model, tokenizer, max_new_tokens, temperature, top_p)
-    special = set(tokenizer.all_special_ids)
     per_batch = max(1, batch_size // copies) if copies <= batch_size else 1
     for start in range(0, len(prompts), per_batch):
         chunk = list(prompts[start:start + per_batch])
@@ -112,6 +111,5 @@ def sample(model, tokenizer, prompts: Sequence[str], n: int, temperature: float,
             prompt_ids = encoded["input_ids"][index][encoded["attention_mask"][index].bool()].tolist()
             texts = []
             for row in output[index * copies:(index + 1) * copies]:
-                new = [token for token in row[width:].tolist() if token not in special]
-                texts.append(continuation(tokenizer, prompt_ids, new)[0])
+                texts.append(continuation(tokenizer, prompt_ids, code_tokens(tokenizer, row[width:].tolist()))[0])
             yield texts * n if greedy else texts

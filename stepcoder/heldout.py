@@ -9,9 +9,9 @@ resume), the curve in ``eval_curve.png`` and the before/after comparison in ``ev
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepcoder.data import Problem
-from stepcoder.detokenize import continuation
+from stepcoder.detokenize import code_tokens, continuation
 from stepcoder.distributed import all_gather, world
-from stepcoder.metrics import bootstrap_ci, pass_at_k
+from stepcoder.metrics import KS, bootstrap_ci, pass_at_k
+from stepcoder.output import new_figure, save_figure, write_atomically
 from stepcoder.prompts import build_prompt
 from stepcoder.sandbox import Sandbox
 
-KS = (1, 5, 10)
 Sampler = Callable[[list[str]], list[tuple[list[int], list[int]]]]  # prompts -> (prompt ids, response ids)
 
 
@@ -58,10 +58,7 @@ class Evaluation:
     def save(self, output: Path) -> None:
         folder = output / "eval"
         folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f"step-{self.step}.json.tmp"
-        temporary.write_text(json.dumps({"step": self.step, "samples": self.samples, "passed": self.passed,
-                                         "outcomes": self.outcomes, "seconds": self.seconds}, indent=1))
-        os.replace(temporary, folder / f"step-{self.step}.json")
+        write_atomically(folder / f"step-{self.step}.json", json.dumps(dataclasses.asdict(self), indent=1))
 
     @classmethod
     def load(cls, output: Path, step: int) -> Evaluation | None:
@@ -82,7 +79,6 @@ def evaluate_policy(sample: Sampler, tokenizer, problems: list[Problem], samples
     mine = problems[rank * share:(rank + 1) * share]
     work = [(problem, True) for problem in mine] + [(problems[0], False)] * (share - len(mine))
     work = [item for item in work for _ in range(samples)]
-    special = set(tokenizer.all_special_ids)
     futures = []
     for begin in tqdm(range(0, len(work), batch_size), desc=f"held-out eval (step {step})", unit="batch",
                       disable=rank != 0, leave=False):
@@ -90,7 +86,7 @@ def evaluate_policy(sample: Sampler, tokenizer, problems: list[Problem], samples
         prompts = [build_prompt(problem, "", tokenizer, chat) for problem, _ in chunk]
         for (problem, counted), (prompt_ids, response_ids) in zip(chunk, sample(prompts)):
             if counted:
-                text = continuation(tokenizer, prompt_ids, [t for t in response_ids if t not in special])[0]
+                text = continuation(tokenizer, prompt_ids, code_tokens(tokenizer, response_ids))[0]
                 futures.append((problem.id, sandbox.submit(*problem.job(problem.program(text)))))
     passed: Counter = Counter({problem.id: 0 for problem in mine})
     outcomes: Counter = Counter()
@@ -136,22 +132,13 @@ def describe(comparison: dict, data: str, temperature: float) -> str:
 
 def plot_curve(rows: Sequence[dict], path: Path, title: str = "held-out pass@1") -> None:
     """Held-out pass@1 over steps with its 95 % interval as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = sorted(rows, key=lambda row: row["step"])
     steps = [row["step"] for row in rows]
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = new_figure((6, 4))
     axes.plot(steps, [100 * row["eval_pass@1"] for row in rows], marker="o")
     axes.fill_between(steps, [100 * row["eval_pass@1_ci95"][0] for row in rows],
                       [100 * row["eval_pass@1_ci95"][1] for row in rows], alpha=0.25)
     axes.set_xlabel("PPO step")
     axes.set_ylabel("pass@1 (%)")
     axes.set_title(f"{title} ({rows[0]['eval_data']}, T={rows[0]['eval_temperature']})")
-    figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_figure(figure, path)

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+KS = (1, 5, 10)  # the k of pass@k reported where the samples per problem allow
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """The unbiased estimator of pass@k (Chen et al., 2021) from n samples of which c passed:

@@ -26,6 +26,11 @@ def instruction(problem: Problem) -> str:
     return f"{problem.question.strip()}\n\n{how}"
 
 
+def chat_option(value: str) -> bool | None:
+    """The --chat flag (auto, on, off) as build_prompt's `chat` argument: None, True, False."""
+    return {"auto": None, "on": True, "off": False}[value]
+
+
 def uses_chat(tokenizer, chat: bool | None) -> bool:
     """Chat mode when asked, or (chat=None) when the tokenizer has a chat template."""
     if chat is not None:

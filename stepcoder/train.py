@@ -36,7 +36,7 @@ from stepcoder import checkpoint, kernels
 from stepcoder.cccs import Curriculum, prefixes
 from stepcoder.config import ConfigError, TrainConfig, parse_config, to_json
 from stepcoder.data import DataError, Problem, load_problems
-from stepcoder.detokenize import continuation
+from stepcoder.detokenize import code_tokens, continuation
 from stepcoder.distributed import (
     all_gather,
     all_sum,
@@ -66,7 +66,8 @@ from stepcoder.models import (
     position_ids,
     without_dropout,
 )
-from stepcoder.prompts import CODE_FENCE, STOP_STRING, build_prompt
+from stepcoder.output import write_atomically
+from stepcoder.prompts import CODE_FENCE, STOP_STRING, build_prompt, chat_option
 from stepcoder.sandbox import Sandbox
 from stepcoder.schedules import learning_rate_factor
 
@@ -129,7 +130,7 @@ def reward_of(verdict: str, config: TrainConfig) -> float:
 def collect_rollouts(policy, tokenizer, problems: list[Problem], curriculum: Curriculum | None, sandbox: Sandbox,
                      config: TrainConfig, device, timings: dict) -> list[Sample]:
     """Samples, each judged; a batch's programs are in the sandbox while the next batch generates."""
-    chat = {"auto": None, "on": True, "off": False}[config.chat]
+    chat = chat_option(config.chat)
     work = []
     for problem in problems:
         prefix = curriculum.prefix(problem.id) if curriculum else ""
@@ -159,12 +160,6 @@ def collect_rollouts(policy, tokenizer, problems: list[Problem], curriculum: Cur
     for sample in samples:
         sample.fgo = fgo_mask(sample, tokenizer) if not config.no_fgo else [1] * len(sample.response_ids)
     return samples
-
-
-def code_tokens(tokenizer, response_ids: list[int]) -> list[int]:
-    """The response without special tokens (EOS), which carry no code."""
-    special = set(tokenizer.all_special_ids)
-    return [token for token in response_ids if token not in special]
 
 
 def fgo_mask(sample: Sample, tokenizer) -> list[int]:
@@ -368,7 +363,7 @@ def supervised_warmup(policy, tokenizer, problems: list[Problem], stages: dict[s
                       device) -> float:
     """Cross-entropy on each problem's canonical solution, continued from every CCCS prefix in `stages`,
     so the model has seen the prompts it will be given. Returns the last loss."""
-    examples = warmup_examples(problems, stages, tokenizer, {"auto": None, "on": True, "off": False}[config.chat])
+    examples = warmup_examples(problems, stages, tokenizer, chat_option(config.chat))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.sft_learning_rate)
     generator = random.Random(config.seed)
     policy.train()
@@ -544,7 +539,7 @@ def held_out_evaluation(policy, tokenizer, problems: list[Problem], sandbox: San
     to metrics.jsonl and the per-problem counts to eval/step-N.json."""
     settings = dataclasses.replace(config, temperature=config.eval_temperature, top_p=1.0)
     sample = functools.partial(generate, policy, tokenizer, config=settings, device=device)
-    chat = {"auto": None, "on": True, "off": False}[config.chat]
+    chat = chat_option(config.chat)
     evaluation = evaluate_policy(sample, tokenizer, problems, config.eval_samples, sandbox, chat, step,
                                  config.generation_batch_size)
     if logger.enabled:
@@ -562,7 +557,8 @@ def report_evaluations(logger: Logger, config: TrainConfig) -> None:
     if before is None or after is None:
         return
     comparison = compare(before, after)
-    (logger.output / "eval_summary.json").write_text(json.dumps(
+    # written last and atomically: its presence marks a finished run (python -m stepcoder.ablation)
+    write_atomically(logger.output / "eval_summary.json", json.dumps(
         {"eval_data": config.eval_data, "temperature": config.eval_temperature, **comparison}, indent=2) + "\n")
     print(describe(comparison, config.eval_data, config.eval_temperature))
 
@@ -654,7 +650,7 @@ def check_prompts_fit(model, tokenizer, problems: list[Problem], stages: dict[st
                   if getattr(model.config, name, None)), None)
     if limit is None:
         return
-    chat = {"auto": None, "on": True, "off": False}[config.chat]
+    chat = chat_option(config.chat)
     longest = {p.id: len(encode_prompts(tokenizer, [build_prompt(p, stages[p.id][0], tokenizer, chat)])["input_ids"][0])
                for p in problems}
     over = {problem: length for problem, length in longest.items() if length + config.max_new_tokens > limit}

@@ -56,8 +56,18 @@ std::string read_setup_report(int fd) {
   _exit(code);
 }
 
+py::object timeout_name(TimeoutKind kind) {
+  switch (kind) {
+    case TimeoutKind::kCpu: return py::str("cpu");
+    case TimeoutKind::kWall: return py::str("wall");
+    case TimeoutKind::kNone: break;
+  }
+  return py::none();
+}
+
 py::dict run_child(const py::function& body, const std::string& workdir, int stdin_fd, int stdout_fd, int stderr_fd,
-                   int result_fd, std::vector<int> keep_fds, double timeout, uint64_t memory_bytes,
+                   int result_fd, std::vector<int> keep_fds, double cpu_timeout, double wall_timeout,
+                   uint64_t memory_bytes,
                    uint64_t cpu_seconds, uint64_t file_size_bytes, uint64_t open_files, uint64_t processes,
                    bool drop_privileges, uint32_t uid, uint32_t gid, int landlock_ruleset, bool seccomp) {
   for (int fd : {stdin_fd, stdout_fd, stderr_fd, result_fd}) {
@@ -66,7 +76,9 @@ py::dict run_child(const py::function& body, const std::string& workdir, int std
   if (landlock_ruleset >= 0 && landlock_ruleset < 4) {
     throw py::value_error("run_child: the Landlock ruleset fd must be >= 4 (or -1 for none)");
   }
-  if (!(timeout > 0)) throw py::value_error("run_child: timeout must be positive");
+  if (!(cpu_timeout > 0) || !(wall_timeout > 0)) {
+    throw py::value_error("run_child: cpu_timeout and wall_timeout must be positive");
+  }
   int setup_pipe[2];
   if (pipe2(setup_pipe, O_CLOEXEC) != 0) throw_errno("pipe2");
   UniqueFd setup_read(setup_pipe[0]);
@@ -107,11 +119,11 @@ py::dict run_child(const py::function& body, const std::string& workdir, int std
   ChildOutcome outcome;
   {
     py::gil_scoped_release release;
-    outcome = supervise_child(pid, timeout, start_ns);
+    outcome = supervise_child(pid, cpu_timeout, wall_timeout, start_ns);
   }
   const std::string setup = read_setup_report(setup_read.get());
   return py::dict("setup_error"_a = setup == kSetupOk ? py::object(py::none()) : py::object(py::str(setup.empty() ? "child died during setup" : setup)),
-                  "timed_out"_a = outcome.timed_out, "exit_code"_a = outcome.exit_code, "signal"_a = outcome.signal,
+                  "timed_out"_a = timeout_name(outcome.timed_out), "exit_code"_a = outcome.exit_code, "signal"_a = outcome.signal,
                   "wall_seconds"_a = outcome.wall_seconds, "cpu_seconds"_a = outcome.cpu_seconds,
                   "max_rss_kb"_a = outcome.max_rss_kb);
 }
@@ -182,10 +194,11 @@ PYBIND11_MODULE(_sandbox, m) {
         "A fresh shared bitmap of `size` lines, held in C state (refused once tracing started here).");
   m.def("executed_lines", &sandbox::executed_lines, "The line numbers marked in the bitmap.");
   m.def("run_child", &sandbox::run_child, "body"_a, py::kw_only(), "workdir"_a, "stdin_fd"_a, "stdout_fd"_a,
-        "stderr_fd"_a, "result_fd"_a, "keep_fds"_a, "timeout"_a, "memory_bytes"_a, "cpu_seconds"_a,
+        "stderr_fd"_a, "result_fd"_a, "keep_fds"_a, "cpu_timeout"_a, "wall_timeout"_a, "memory_bytes"_a, "cpu_seconds"_a,
         "file_size_bytes"_a, "open_files"_a, "processes"_a, "drop_privileges"_a, "uid"_a, "gid"_a,
         "landlock_ruleset"_a, "seccomp"_a,
-        "Fork one isolated test child that calls `body()` and exits; supervise it to the wall-clock deadline.");
+        "Fork one isolated test child that calls `body()` and exits; supervise it to its CPU-time limit "
+        "(all threads) with a wall-clock backstop. timed_out: None, 'cpu' or 'wall'.");
   m.def("start_line_trace", &sandbox::line_trace, "codes"_a, "monitoring_tool"_a,
         "In a test child, once: mark the bitmap for every line of `codes` that runs (C trace function "
         "before 3.12, sys.monitoring LINE events with a C callback from 3.12).");

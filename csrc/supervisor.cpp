@@ -1,5 +1,6 @@
 #include "supervisor.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <ctime>
@@ -16,16 +17,41 @@ namespace {
 
 double seconds(const timeval& t) { return static_cast<double>(t.tv_sec) + t.tv_usec / 1e6; }
 
-// Sleeps until the child exits or the deadline passes: on a pidfd where the kernel has them, else in
-// short naps. Returns false when the deadline passed first.
-bool wait_until_exit(pid_t pid, long long deadline_ns) {
+// The child's CPU time so far (every thread), or -1 once it can no longer be read (it has exited).
+long long cpu_ns(clockid_t clock) {
+  struct timespec used;
+  if (clock_gettime(clock, &used) != 0) return -1;
+  return static_cast<long long>(used.tv_sec) * 1000000000LL + used.tv_nsec;
+}
+
+// Sleeps until the child exits (true) or a limit passes (false, and which one in `kind`). The child
+// cannot use more CPU time than its CPUs give in the time slept, so each nap lasts the CPU time left
+// spread over the online CPUs: a program that waits costs no wake-ups, one that spins on every CPU is
+// caught within a millisecond or so of CPU time per CPU. Naps are on a pidfd where the kernel has them,
+// else short and fixed.
+bool wait_until_exit(pid_t pid, long long cpu_limit_ns, long long deadline_ns, TimeoutKind* kind) {
   UniqueFd pidfd(static_cast<int>(syscall(SYS_pidfd_open, pid, 0)));
+  clockid_t clock;
+  const bool have_clock = clock_getcpuclockid(pid, &clock) == 0;
+  const long cpus = std::max(1L, sysconf(_SC_NPROCESSORS_ONLN));
   for (;;) {
-    const long long left_ns = deadline_ns - monotonic_ns();
-    if (left_ns <= 0) return false;
+    const long long wall_left_ns = deadline_ns - monotonic_ns();
+    if (wall_left_ns <= 0) {
+      *kind = TimeoutKind::kWall;
+      return false;
+    }
+    long long nap_ns = wall_left_ns;
+    const long long used_ns = have_clock ? cpu_ns(clock) : -1;
+    if (used_ns >= 0) {
+      if (used_ns >= cpu_limit_ns) {
+        *kind = TimeoutKind::kCpu;
+        return false;
+      }
+      nap_ns = std::min(nap_ns, std::max(1000000LL, (cpu_limit_ns - used_ns) / cpus));
+    }
     if (pidfd) {
       struct pollfd entry = {pidfd.get(), POLLIN, 0};
-      const int ready = poll(&entry, 1, static_cast<int>((left_ns + 999999) / 1000000));
+      const int ready = poll(&entry, 1, static_cast<int>(std::min<long long>((nap_ns + 999999) / 1000000, 1 << 30)));
       if (ready > 0) return true;
       if (ready < 0 && errno != EINTR) throw_errno("poll(pidfd)");
       continue;
@@ -46,11 +72,11 @@ long long monotonic_ns() {
   return static_cast<long long>(now.tv_sec) * 1000000000LL + now.tv_nsec;
 }
 
-ChildOutcome supervise_child(pid_t pid, double timeout_seconds, long long start_ns) {
+ChildOutcome supervise_child(pid_t pid, double cpu_seconds, double wall_seconds, long long start_ns) {
   ChildOutcome outcome;
-  const long long deadline_ns = start_ns + static_cast<long long>(timeout_seconds * 1e9);
-  if (!wait_until_exit(pid, deadline_ns)) {
-    outcome.timed_out = true;
+  const long long cpu_limit_ns = static_cast<long long>(cpu_seconds * 1e9);
+  const long long deadline_ns = start_ns + static_cast<long long>(wall_seconds * 1e9);
+  if (!wait_until_exit(pid, cpu_limit_ns, deadline_ns, &outcome.timed_out)) {
     kill(-pid, SIGKILL);  // the group: threads die with the process, and seccomp forbids forks
     kill(pid, SIGKILL);
   }

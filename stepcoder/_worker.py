@@ -45,8 +45,8 @@ SYSTEM_READ_PATHS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib
                      "/etc/localtime", "/usr/share/zoneinfo", "/sys/devices/system/cpu", "/dev/zero",
                      "/dev/urandom", "/dev/random")
 HIDDEN_PACKAGE = "stepcoder"  # site-packages entries children may not read: this package (its data) and its dist-info
-SELF_CHECK_LIMITS = {"timeout": 5.0, "memory_bytes": 1 << 30, "cpu_seconds": 6, "output_bytes": 1 << 20,
-                     "open_files": 64, "processes": 64}
+SELF_CHECK_LIMITS = {"timeout": 5.0, "wall_timeout": 10.0, "memory_bytes": 1 << 30, "cpu_seconds": 6,
+                     "output_bytes": 1 << 20, "open_files": 64, "processes": 64}
 BIG_INT_BITS = 10_000  # above this, ints travel as hex: decimal conversion is capped at 4300 digits
 SANDBOX_UID_BASE = 1_000_000_000  # + worker pid: a uid of its own per worker, so RLIMIT_NPROC is per worker
 HEADER = struct.Struct("<I")
@@ -449,8 +449,8 @@ class Worker:
             stdin_fd, stdout_fd, stderr_fd, result_fd = streams
             return self.sandbox.run_child(
                 body, workdir=self.test_dir, stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=stderr_fd,
-                result_fd=result_fd, keep_fds=self.keep_fds + extra_fds, timeout=limits["timeout"],
-                memory_bytes=limits["memory_bytes"], cpu_seconds=limits["cpu_seconds"],
+                result_fd=result_fd, keep_fds=self.keep_fds + extra_fds, cpu_timeout=limits["timeout"],
+                wall_timeout=limits["wall_timeout"], memory_bytes=limits["memory_bytes"], cpu_seconds=limits["cpu_seconds"],
                 file_size_bytes=limits["output_bytes"], open_files=limits["open_files"],
                 processes=limits["processes"], drop_privileges=self.drop_privileges, uid=self.uid, gid=self.gid,
                 landlock_ruleset=self.landlock_ruleset, seccomp=self.seccomp)

@@ -129,6 +129,11 @@ class Curriculum:
         """How many problems are at each stage (0 = the longest prefix)."""
         return dict(sorted(Counter(self.stage(p) for p in self.stage_prefixes).items()))
 
+    def full_windows(self) -> int:
+        """How many windows (problems; 1 in global mode) hold `window` rollouts at their current stage:
+        those the threshold is being judged on. Zero step after step means the curriculum cannot move."""
+        return sum(len(recent) == self.window for recent in self._recent.values())
+
     def mean_stage(self) -> float:
         return sum(self.stage(p) for p in self.stage_prefixes) / max(len(self.stage_prefixes), 1)
 
@@ -149,3 +154,40 @@ class Curriculum:
         self.global_stage = state["global_stage"]
         for key, values in state["recent"].items():
             self._recent[key] = deque(values, maxlen=self.window)
+
+
+def reach(mode: str, window: int, stage_counts: list[int], steps: int, rollouts_per_step: int,
+          rollouts_per_prompt: int) -> tuple[int, int]:
+    """(the most stages the curriculum can advance in `steps` steps, the stages a typical problem has to
+    advance to reach full generation). `stage_counts`: each problem's number of stages, full generation
+    included. per_problem: problems are drawn in epochs, so each is visited about steps x problems per
+    step / problems times; one visit's rollouts share a stage, so a visit advances a problem at most once,
+    and an advance needs ceil(window / rollouts_per_prompt) visits. global: an advance needs the window's
+    rollouts, ceil(window / rollouts_per_step) steps. Reached when every rollout passes (exactly when the
+    problems are a multiple of the problems per step; ``tests/test_cccs.py``); in global mode, problems
+    already at full generation keep counting towards the next stage's window, which can only be faster."""
+    needed = sorted(count - 1 for count in stage_counts)[len(stage_counts) // 2] if stage_counts else 0
+    if mode == "global":
+        return steps // math.ceil(window / rollouts_per_step), max(stage_counts, default=1) - 1
+    problems_per_step = rollouts_per_step // rollouts_per_prompt
+    visits = math.ceil(steps * problems_per_step / max(len(stage_counts), 1))
+    return visits // math.ceil(window / rollouts_per_prompt), needed
+
+
+def reach_warning(mode: str, window: int, stage_counts: list[int], steps: int, rollouts_per_step: int,
+                  rollouts_per_prompt: int) -> str | None:
+    """Why the curriculum would not move in this run, in words, or None when it can (see ``reach``)."""
+    possible, needed = reach(mode, window, stage_counts, steps, rollouts_per_step, rollouts_per_prompt)
+    if needed == 0 or possible >= needed:
+        return None
+    if mode == "global":
+        how = (f"one stage needs a window of {window} rollouts, {math.ceil(window / rollouts_per_step)} steps of "
+               f"{rollouts_per_step}")
+    else:
+        visits = math.ceil(steps * (rollouts_per_step // rollouts_per_prompt) / max(len(stage_counts), 1))
+        how = (f"each of {len(stage_counts)} problems is drawn about {visits} time(s) in {steps} steps with "
+               f"{rollouts_per_prompt} rollouts, and a window of {window} rollouts at one stage moves it")
+    what = "cannot advance at all" if possible == 0 else f"can advance at most {possible} stage(s)"
+    return (f"the CCCS curriculum ({mode}) {what} in this run, while a typical problem needs {needed} to reach "
+            f"full generation: {how}. Lower --cccs_window, use --cccs_mode global, train on fewer problems "
+            "or for more steps.")

@@ -20,6 +20,10 @@ class TrainConfig:
     # model and data
     model_name_or_path: str | None = field(default=None, metadata={"help": "local transformers causal LM; none: "
                                                                            "build the small default model"})
+    n_layer: int = field(default=2, metadata={"help": "layers of the small default model (no "
+                                                      "--model_name_or_path)"})
+    n_embd: int = field(default=128, metadata={"help": "width of the small default model (a multiple of 4: 4 "
+                                                       "heads)"})
     data: str = field(default="synthetic:train", metadata={"help": "apps_plus:PATH, apps:DIR, humaneval, mbpp:PATH, "
                                                                    "builtin, synthetic:train"})
     difficulty: str | None = field(default=None, metadata={"help": "only problems of this difficulty"})
@@ -34,6 +38,7 @@ class TrainConfig:
     eval_samples: int = field(default=4, metadata={"help": "programs sampled per held-out problem"})
     eval_temperature: float = field(default=0.2, metadata={"help": "sampling temperature of the evaluation (0: "
                                                                    "greedy)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "programs per generate call in the evaluation"})
     eval_limit: int | None = field(default=None, metadata={"help": "only the first N held-out problems"})
     # warm-up (supervised pass over canonical solutions)
     sft_steps: int = field(default=0, metadata={"help": "supervised steps on canonical solutions before PPO"})
@@ -92,15 +97,26 @@ class TrainConfig:
     no_cccs: bool = field(default=False, metadata={"help": "always full generation (ablation)"})
     no_fgo: bool = field(default=False, metadata={"help": "policy loss on every generated token (ablation)"})
     cccs_threshold: float = field(default=0.5, metadata={"help": "rho: pass rate that advances a problem"})
-    cccs_window: int = field(default=8, metadata={"help": "recent rollouts the pass rate is taken over"})
+    cccs_window: int | None = field(default=None, metadata={"help": "recent rollouts at a stage the pass rate is "
+                                                                    "taken over (default: one draw's: "
+                                                                    "rollouts_per_prompt per problem, a step's "
+                                                                    "rollouts in global mode)"})
     cccs_mode: str = "per_problem"
     cccs_loops: bool = field(default=False, metadata={"help": "also split at for/while"})
     fgo_coverage: str = field(default="all_tests", metadata={"help": "lines FGO counts as run: over all unit "
                                                                       "tests (the paper), or only those up to "
                                                                       "the first failing test (first_failure)"})
     # sandbox
-    sandbox_workers: int = 2
-    sandbox_timeout: float = 2.0
+    sandbox_workers: int | None = field(default=None, metadata={"help": "sandbox processes per rank (default: "
+                                                                         "this rank's share of the CPUs, less one "
+                                                                         "left to the trainer)"})
+    sandbox_timeout: float = field(default=2.0, metadata={"help": "CPU seconds per test (all threads): the limit "
+                                                                  "programs are judged by, however busy the "
+                                                                  "machine"})
+    sandbox_wall_timeout: float | None = field(default=None, metadata={"help": "wall-clock backstop per test for "
+                                                                               "programs that sleep or block "
+                                                                               "(default: 4 x sandbox_timeout "
+                                                                               "+ 1)"})
     sandbox_memory_mb: int = 1024
     # logging and checkpoints
     report_to: str = field(default="none", metadata={"help": "none or tensorboard"})
@@ -119,22 +135,24 @@ class TrainConfig:
 # problems a per-problem window of 8 rollouts never fills (8 problems x 4 rollouts per step), so every
 # problem stayed at its first stage and held-out pass@1 of full programs fell (-2.0 points after 80 steps)
 # where the arms that train on full programs gained (+5.6); one stage for all advances when a step's 32
-# rollouts pass at 0.5. 60 PPO steps: in the ablation's 12 runs the held-out gain was reached by step 40
-# and did not grow after (benchmarks/RESULTS.md).
+# rollouts (the default window in global mode) pass at 0.5. 60 PPO steps: in the ablation's 12 runs the
+# held-out gain was reached by step 40 and did not grow after (benchmarks/RESULTS.md). `--help` and the
+# README list these values.
 SMALL_MODEL_PRESET = {"sft_steps": 1000, "sft_learning_rate": 2e-3, "learning_rate": 1e-4,
                       "critic_learning_rate": 1e-3, "total_steps": 60, "max_new_tokens": 96,
-                      "cccs_mode": "global", "cccs_threshold": 0.5, "cccs_window": 32, "sandbox_timeout": 0.5}
+                      "cccs_mode": "global", "cccs_threshold": 0.5, "sandbox_timeout": 0.5}
 
 CHOICES = {"kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
            "report_to": ("none", "tensorboard"), "fused_lm_head": ("auto", "off"),
            "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None),
            "lr_scheduler_type": ("constant", "linear", "cosine"), "fgo_coverage": ("all_tests", "first_failure"),
            "strategy": STRATEGIES, "precision": PRECISIONS}
-POSITIVE = ("total_steps", "problems_per_step", "rollouts_per_prompt", "max_new_tokens", "generation_batch_size",
-            "ppo_epochs", "num_mini_batches", "gradient_accumulation_steps", "cccs_window", "sandbox_workers",
-            "sandbox_memory_mb", "sample_every", "eval_samples", "save_steps", "save_total_limit", "learning_rate", "forward_batch_size",
-            "critic_learning_rate", "sft_learning_rate", "temperature", "sandbox_timeout", "max_grad_norm")
-NON_NEGATIVE = ("sft_steps", "cliprange", "cliprange_value", "kl_coef", "entropy_coef", "seed", "truncation_penalty",
+POSITIVE = ("n_layer", "n_embd", "problems_per_step", "rollouts_per_prompt", "max_new_tokens", "generation_batch_size",
+            "ppo_epochs", "num_mini_batches", "gradient_accumulation_steps", "sandbox_memory_mb",
+            "sample_every", "eval_samples", "eval_batch_size", "save_steps", "save_total_limit", "learning_rate",
+            "forward_batch_size", "critic_learning_rate", "sft_learning_rate", "temperature", "sandbox_timeout",
+            "max_grad_norm")
+NON_NEGATIVE = ("total_steps", "sft_steps", "cliprange", "cliprange_value", "kl_coef", "entropy_coef", "seed", "truncation_penalty",
                 "warmup_steps")
 
 
@@ -159,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(f"--{item.name}", action="store_true", default=None, help=help_text)
         else:
+            default = f"default: {item.default}"
+            if item.name in SMALL_MODEL_PRESET:
+                default += f"; {SMALL_MODEL_PRESET[item.name]} for the small default model"
             parser.add_argument(f"--{item.name}", type=str, default=None, metavar=kind.__name__.upper(),
-                                help=f"{help_text} (default: {item.default})".strip())
+                                help=f"{help_text} ({default})".strip())
     return parser
 
 
@@ -252,9 +273,16 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"cliprange: must be < 1, got {config.cliprange}")
     if config.dual_clip is not None and config.dual_clip <= 1:
         raise ConfigError(f"dual_clip: must be > 1, got {config.dual_clip}")
-    for name in ("limit", "eval_limit", "eval_every"):
+    if config.model_name_or_path is not None and (config.n_layer, config.n_embd) != (2, 128):
+        raise ConfigError("n_layer, n_embd: they size the small default model; --model_name_or_path is given")
+    if config.n_embd % 4:
+        raise ConfigError(f"n_embd: must be a multiple of 4 (the small model has 4 heads), got {config.n_embd}")
+    for name in ("limit", "eval_limit", "eval_every", "sandbox_workers", "cccs_window"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ConfigError(f"{name}: must be >= 1, got {getattr(config, name)}")
+    if config.sandbox_wall_timeout is not None and not config.sandbox_wall_timeout >= config.sandbox_timeout:
+        raise ConfigError(f"sandbox_wall_timeout: must be >= sandbox_timeout ({config.sandbox_timeout}), got "
+                          f"{config.sandbox_wall_timeout}")
     if not config.eval_temperature >= 0:
         raise ConfigError(f"eval_temperature: must be >= 0, got {config.eval_temperature}")
     batch = config.problems_per_step * config.rollouts_per_prompt

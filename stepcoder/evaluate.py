@@ -55,24 +55,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen = parser.add_argument_group("generation (--model)")
     gen.add_argument("--n", type=int, default=1, help="samples per problem (with --canonical: solutions per problem)")
     gen.add_argument("--temperature", type=float, default=0.2)
-    gen.add_argument("--top_p", type=float, default=0.95)
-    gen.add_argument("--max_new_tokens", type=int, default=512)
+    gen.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1 = off, as the trainer samples")
+    gen.add_argument("--top_k", type=int, default=0,
+                     help="top-k sampling; 0 = off, as the trainer samples (a checkpoint's generation_config "
+                          "never applies)")
+    gen.add_argument("--max_new_tokens", type=int, default=None,
+                     help="default: 1.5 x the 95th percentile of the problems' canonical solutions in tokens "
+                          "(64 to 2048; 512 without solutions)")
     gen.add_argument("--batch_size", type=int, default=16, help="sequences per generate() call")
     gen.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                      help="chat-template prompts: when the tokenizer has a template (auto), always, never")
     gen.add_argument("--seed", type=int, default=0)
     run = parser.add_argument_group("sandbox and output")
     run.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="sandbox worker processes")
-    run.add_argument("--timeout", type=float, default=4.0, help="seconds per test")
+    run.add_argument("--timeout", type=float, default=4.0,
+                     help="CPU seconds per test (all threads): the limit programs are judged by")
+    run.add_argument("--wall_timeout", type=float, default=None,
+                     help="wall-clock backstop per test for programs that sleep or block (default: 4 x --timeout + 1)")
     run.add_argument("--memory_mb", type=int, default=1024, help="address-space limit per test")
     run.add_argument("--output", metavar="DIR", help="write report.json, verdicts.jsonl and outcomes.png here")
     args = parser.parse_args(argv)
-    for name, low in (("n", 1), ("limit", 1), ("max_new_tokens", 1), ("batch_size", 1), ("workers", 1)):
+    for name, low in (("n", 1), ("limit", 1), ("max_new_tokens", 1), ("batch_size", 1), ("workers", 1),
+                      ("top_k", 0)):
         value = getattr(args, name)
         if value is not None and value < low:
             parser.error(f"--{name} must be >= {low}, got {value}")
     if not args.temperature >= 0 or not 0 < args.top_p <= 1 or not args.timeout > 0:
         parser.error("--temperature must be >= 0, --top_p in (0, 1], --timeout > 0")
+    if args.wall_timeout is not None and not args.wall_timeout >= args.timeout:
+        parser.error(f"--wall_timeout must be >= --timeout ({args.timeout}), got {args.wall_timeout}")
     if args.samples and not Path(args.samples).is_file():
         parser.error(f"--samples {args.samples}: no such file")
     if args.model:
@@ -88,6 +99,7 @@ class ProblemScore:
     verdicts: list[str] = field(default_factory=list)
     details: list[str | None] = field(default_factory=list)
     warnings: list[list[str]] = field(default_factory=list)  # each program's compiler warnings
+    wall_timeouts: int = 0  # timeouts decided by the sandbox's wall-clock backstop, not by CPU time
 
     @property
     def passed(self) -> int:
@@ -146,16 +158,17 @@ def candidates(args: argparse.Namespace, problems: list[Problem],
     import torch
     from transformers import set_seed
 
-    from stepcoder.generation import load_model, sample
+    from stepcoder.generation import load_model, sample, suited_max_new_tokens
     from stepcoder.prompts import build_prompt, chat_option
 
     set_seed(args.seed)  # the same for every model, so compared models sample under the same seed
     model, tokenizer = load_model(model_path)
     chat = chat_option(args.chat)
     prompts = [build_prompt(problem, tokenizer=tokenizer, chat=chat) for problem in problems]
+    budget = args.max_new_tokens or suited_max_new_tokens(tokenizer, [p.solutions[0] for p in problems if p.solutions])
     with torch.inference_mode():
-        completions = sample(model, tokenizer, prompts, args.n, args.temperature, args.top_p, args.max_new_tokens,
-                             args.batch_size)
+        completions = sample(model, tokenizer, prompts, args.n, args.temperature, args.top_p, budget,
+                             args.batch_size, args.top_k)
         for problem, texts in zip(problems, completions):
             yield problem, [problem.program(text) for text in texts]
 
@@ -190,6 +203,7 @@ def judge(sandbox: Sandbox, work: Iterable[tuple[Problem, list[str]]], total: in
                 score.verdicts.append(result.verdict)
                 score.details.append(result.detail)
                 score.warnings.append(result.warnings)
+                score.wall_timeouts += result.wall_timeout
             scores.append(score)
     return scores
 
@@ -198,7 +212,8 @@ def summarize(scores: list[ProblemScore]) -> dict:
     """pass@k (mean over problems with n >= k, for k every problem allows) and verdict counts."""
     scored = [s for s in scores if s.verdicts]
     if not scored:
-        return {"num_problems": 0, "num_programs": 0, "pass@1": None, "pass@k": {}, "outcomes": {}}
+        return {"num_problems": 0, "num_programs": 0, "pass@1": None, "pass@k": {}, "outcomes": {},
+                "wall_timeouts": 0}
     least = min(len(s.verdicts) for s in scored)
     pass_k = {str(k): sum(pass_at_k(len(s.verdicts), s.passed, k) for s in scored) / len(scored)
               for k in KS if k <= least}
@@ -211,6 +226,7 @@ def summarize(scores: list[ProblemScore]) -> dict:
         "pass@k": pass_k,
         "outcomes": {v: outcomes.get(v, 0) for v in VERDICTS},
         "failure_shares": {v: (outcomes.get(v, 0) / failures if failures else 0.0) for v in FAILURES},
+        "wall_timeouts": sum(s.wall_timeouts for s in scored),  # of outcomes["timeout"]
     }
 
 
@@ -336,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
             sys.exit(f"error: {error}")
     labels = model_labels(args.model) if args.model else ["problems"]
     results: dict[str, tuple[dict, list[ProblemScore]]] = {}
-    with Sandbox(workers=args.workers, timeout=args.timeout, memory_mb=args.memory_mb, trace=False) as sandbox:
+    with Sandbox(workers=args.workers, timeout=args.timeout, wall_timeout=args.wall_timeout, memory_mb=args.memory_mb,
+                 trace=False) as sandbox:
         for label, path in zip(labels, models):
             try:
                 scores = judge(sandbox, candidates(args, problems, path), len(problems), label)

@@ -22,16 +22,16 @@ def encode_prompts(tokenizer, texts: Sequence[str]):
     return tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=not rendered)
 
 
-def sampling_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0):
-    """The generation settings, and only these: pure sampling at `temperature` (top_k off; nucleus at
-    `top_p`), greedy at 0. Stops at EOS (the tokenizer's and the checkpoint's) or a fence opening a line.
+def sampling_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0):
+    """The generation settings, and only these: pure sampling at `temperature` (top_k 0 = off, nucleus at
+    `top_p` 1 = off, as the trainer samples), greedy at 0. Stops at EOS (the tokenizer's and the checkpoint's) or a fence opening a line.
     Use with ``only_these_settings``: what the checkpoint's generation_config ships (a repetition
     penalty, top_k = 50, min_new_tokens) would otherwise fill every field left unset."""
     from transformers import GenerationConfig
 
     shipped = model.generation_config.eos_token_id
     eos = {tokenizer.eos_token_id, *(shipped if isinstance(shipped, list) else [shipped])} - {None}
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature > 0 \
         else {"do_sample": False}
     return GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=sorted(eos), stop_strings=[STOP_STRING], **sampling)
@@ -66,6 +66,16 @@ def check_model_dir(path: str) -> None:
                          "save the model's tokenizer there with tokenizer.save_pretrained()")
 
 
+def suited_max_new_tokens(tokenizer, solutions: Sequence[str]) -> int:
+    """A generation budget for these problems: 1.5 x the 95th percentile of their canonical solutions'
+    token counts (a model rarely needs more than the reference, and a weak model that rambles is cut
+    early), within [64, 2048]; 512 when no problem has a solution."""
+    if not solutions:
+        return 512
+    counts = sorted(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in solutions)
+    return max(64, min(2048, int(1.5 * counts[int(0.95 * (len(counts) - 1))]) + 8))
+
+
 def load_model(path: str, device: str | None = None):
     """(model, tokenizer) from a local directory: nothing is downloaded. Left padding, a pad token."""
     import torch
@@ -89,7 +99,7 @@ def load_model(path: str, device: str | None = None):
 
 
 def sample(model, tokenizer, prompts: Sequence[str], n: int, temperature: float, top_p: float,
-           max_new_tokens: int, batch_size: int) -> Iterator[list[str]]:
+           max_new_tokens: int, batch_size: int, top_k: int = 0) -> Iterator[list[str]]:
     """For each prompt, in order, its `n` completions (the text the new tokens add, decoded exactly).
     Pure sampling when temperature > 0; greedy at 0, where the `n` completions are one decoded `n`
     times (greedy decoding is deterministic). Batched with the KV cache; stops at a closing fence at
@@ -98,7 +108,7 @@ def sample(model, tokenizer, prompts: Sequence[str], n: int, temperature: float,
 
     greedy = temperature == 0
     copies = 1 if greedy else n
-    settings = sampling_config(model, tokenizer, max_new_tokens, temperature, top_p)
+    settings = sampling_config(model, tokenizer, max_new_tokens, temperature, top_p, top_k)
     per_batch = max(1, batch_size // copies) if copies <= batch_size else 1
     for start in range(0, len(prompts), per_batch):
         chunk = list(prompts[start:start + per_batch])

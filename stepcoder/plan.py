@@ -58,7 +58,7 @@ def meta_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
     from stepcoder.models import ValueModel
 
     if config.model_name_or_path is None:  # the embedded default model (models.build_default_model)
-        settings = GPT2Config(vocab_size=1024, n_positions=1024, n_embd=128, n_layer=2, n_head=4)
+        settings = GPT2Config(vocab_size=1024, n_positions=1024, n_embd=config.n_embd, n_layer=config.n_layer, n_head=4)
     else:
         settings = AutoConfig.from_pretrained(config.model_name_or_path, local_files_only=True)
     with torch.device("meta"):

@@ -5,7 +5,9 @@ process can deadlock). ``Sandbox`` instead ``posix_spawn``s a few small worker i
 (``stepcoder/_worker.py``) that fork one isolated child per test through the C++ extension
 ``stepcoder._sandbox``: seccomp-bpf, rlimits, Landlock (reads and writes), an unprivileged uid when
 root, a session of its own, namespaces where the kernel allows (with a fresh /proc and a tmpfs per
-test), a wall-clock deadline enforced from outside, output caps, and line tracing into shared memory.
+test), a CPU-time limit enforced from outside with a wall-clock backstop, output caps, and line
+tracing into shared memory. Programs are judged by the CPU time they used, not by the time they waited
+for a CPU, so a busy machine does not turn a correct program into a timeout.
 Each test's program, input and output files are memfds created here and handed to the worker by
 descriptor, so a worker never holds a job's data. Expected outputs never leave this process: the
 comparison happens here, on what the program printed or returned.
@@ -43,7 +45,8 @@ VERDICTS = ("pass", "wrong_answer", "runtime_error", "timeout", "memory_limit", 
             "violation")
 
 TAIL_BYTES = 2048          # how much of each test's stdout/stderr a result keeps
-C_TRACER_SLOWDOWN = 3.0    # deadlines stretch by this on Python < 3.12 (C trace function, ~3x)
+C_TRACER_SLOWDOWN = 3.0    # limits stretch by this on Python < 3.12: the C trace function costs ~3x CPU
+WALL_FACTOR, WALL_SLACK = 4.0, 1.0  # the default wall backstop: WALL_FACTOR x timeout + WALL_SLACK seconds
 FLOAT_REL_TOL = 1e-6
 FLOAT_ABS_TOL = 1e-9       # so that 0.0 and 1e-12 compare equal
 FLOAT_INT_LIMIT = 1 << 1024  # ints at least this large have no float: compared exactly
@@ -71,11 +74,12 @@ class TestCase:
 class TestResult:
     verdict: str
     seconds: float          # wall clock, fork to reap
-    cpu_seconds: float
+    cpu_seconds: float      # user + system, every thread
     max_rss_kb: int
     stdout: str             # the last TAIL_BYTES
     stderr: str
     detail: str | None = None
+    timed_out_by: str | None = None  # "cpu" (the limit) or "wall" (the backstop) when the verdict is timeout
 
 
 @dataclass
@@ -89,6 +93,12 @@ class Result:
     @property
     def passed(self) -> bool:
         return self.verdict == "pass"
+
+    @property
+    def wall_timeout(self) -> bool:
+        """Judged ``timeout`` by the wall-clock backstop (a program that slept or blocked) rather than by
+        its CPU time."""
+        return self.verdict == "timeout" and any(test.timed_out_by == "wall" for test in self.tests)
 
 
 class SandboxError(RuntimeError):
@@ -114,7 +124,11 @@ class Sandbox:
     Args:
         workers: worker processes (default: the CPU count); tests of one program run in order on one
             worker, programs run in parallel across workers.
-        timeout: wall-clock seconds per test (stretched x3 while tracing on Python < 3.12).
+        timeout: CPU seconds per test, every thread of the program counted: the limit a program is
+            judged by, whatever else the machine is running.
+        wall_timeout: wall-clock seconds per test, a backstop for programs that sleep or block
+            (verdict ``timeout`` too); default ``4 x timeout + 1``. Both limits stretch x3 while
+            tracing on Python < 3.12, where the C trace function triples a program's CPU time.
         memory_mb: address-space limit per test child (RLIMIT_AS).
         output_bytes: cap on stdout, on stderr and on any file the program writes.
         trace: record executed lines (``Result.executed_lines``).
@@ -126,11 +140,14 @@ class Sandbox:
     """
 
     def __init__(self, workers: int | None = None, timeout: float = 2.0, memory_mb: int = 1024, *,
-                 output_bytes: int = 1 << 20, trace: bool = True, stop_on_first_failure: bool = True,
+                 wall_timeout: float | None = None, output_bytes: int = 1 << 20, trace: bool = True, stop_on_first_failure: bool = True,
                  open_files: int = 64, processes: int = 64, site_packages: bool = True, namespaces: bool = True):
         workers = (os.cpu_count() or 1) if workers is None else workers
         _require(isinstance(workers, int) and workers >= 1, f"workers must be a positive int, got {workers!r}")
         _require(_positive(timeout), f"timeout must be a positive number of seconds, got {timeout!r}")
+        wall_timeout = WALL_FACTOR * timeout + WALL_SLACK if wall_timeout is None else wall_timeout
+        _require(_positive(wall_timeout) and wall_timeout >= timeout,
+                 f"wall_timeout must be a number of seconds >= timeout ({timeout!r}), got {wall_timeout!r}")
         _require(isinstance(memory_mb, int) and memory_mb >= 64, f"memory_mb must be an int >= 64, got {memory_mb!r}")
         _require(isinstance(output_bytes, int) and output_bytes >= 1024,
                  f"output_bytes must be an int >= 1024, got {output_bytes!r}")
@@ -138,6 +155,7 @@ class Sandbox:
                  f"open_files must be an int >= 16, got {open_files!r}")
         _require(isinstance(processes, int) and processes >= 1, f"processes must be a positive int, got {processes!r}")
         self.timeout = float(timeout)
+        self.wall_timeout = float(wall_timeout)
         self.trace = trace
         self.stop_on_first_failure = stop_on_first_failure
         self.output_bytes = output_bytes
@@ -269,8 +287,9 @@ class Sandbox:
         """Each test: the program, input and empty output files go to the worker as memfds; the child
         compiles and runs; its outputs are read back here. The worker never holds a job's data."""
         stretch = C_TRACER_SLOWDOWN if self.trace and worker.layers["line_tracer"] == "c-trace" else 1.0
-        deadline = self.timeout * stretch
-        limits = dict(self._limits, timeout=deadline, cpu_seconds=math.ceil(deadline) + 1)
+        cpu, wall = self.timeout * stretch, self.wall_timeout * stretch
+        # RLIMIT_CPU stays as the kernel's own backstop, a second past the limit the worker enforces
+        limits = dict(self._limits, timeout=cpu, wall_timeout=wall, cpu_seconds=math.ceil(cpu) + 1)
         message = {"op": "test", "kind": job.kind, "entry": job.entry, "setup": job.setup, "trace": self.trace,
                    "limits": limits, "lines": _line_count(job.program)}
         tests: list[TestResult] = []
@@ -284,7 +303,7 @@ class Sandbox:
                 data = _Memfd("input", _test_payload(job.kind, test))
                 with data, _Memfd("stdout") as stdout, _Memfd("stderr") as stderr, _Memfd("result") as result:
                     stdin = data.fd if job.kind == "stdin" else self._dev_null
-                    raw = worker.call(dict(message, first=index == 0), deadline + REPLY_SLACK,
+                    raw = worker.call(dict(message, first=index == 0), wall + REPLY_SLACK,
                                       (program.fd, stdin, stdout.fd, stderr.fd, result.fd, data.fd))
                     outputs = (stdout.read(cap + 1), stderr.read(cap + 1), result.read(cap + 1))
                 report = _parse_report(outputs[2]) if len(outputs[2]) < cap else None
@@ -309,8 +328,9 @@ class Sandbox:
         verdict, detail = _verdict(raw, report, kind, stdout, stderr, self.output_bytes, len(result))
         if verdict is None:
             verdict, detail = _compare(kind, test, stdout, report)
+        timed_out_by = (raw["timed_out"] or "cpu") if verdict == "timeout" else None  # no flag: SIGXCPU
         return TestResult(verdict, raw["wall_seconds"], raw["cpu_seconds"], raw["max_rss_kb"], _tail(stdout),
-                          _tail(stderr), detail)
+                          _tail(stderr), detail, timed_out_by)
 
 
 class _Memfd:
@@ -363,8 +383,10 @@ def _warnings_of(report: dict) -> list[str]:
 def _verdict(raw: dict, report: dict | None, kind: str, stdout: bytes, stderr: bytes, cap: int, result_size: int):
     """The verdict from how the child ended, or (None, None) when its output decides."""
     sig = raw["signal"]
-    if raw["timed_out"] or sig == signal.SIGXCPU:
-        return "timeout", "killed at the deadline" if raw["timed_out"] else "CPU time limit"
+    if raw["timed_out"] == "wall":
+        return "timeout", "killed by the wall-clock backstop (the program slept or waited)"
+    if raw["timed_out"] == "cpu" or sig == signal.SIGXCPU:
+        return "timeout", "CPU time limit"
     if sig == signal.SIGSYS:
         return "violation", "a forbidden system call (seccomp)"
     if len(stdout) >= cap or len(stderr) >= cap or (report is None and result_size >= cap):

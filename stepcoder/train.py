@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import functools
 import json
+import os
 import random
 import sys
 import time
@@ -33,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stepcoder import checkpoint, kernels
-from stepcoder.cccs import Curriculum, prefixes
+from stepcoder.cccs import Curriculum, prefixes, reach_warning
 from stepcoder.config import ConfigError, TrainConfig, parse_config, to_json
 from stepcoder.data import DataError, Problem, load_problems
 from stepcoder.detokenize import code_tokens, continuation
@@ -55,6 +56,7 @@ from stepcoder.fgo import token_mask
 from stepcoder.generation import encode_prompts, only_these_settings, sampling_config
 from stepcoder.heldout import Evaluation, compare, describe, evaluate_policy, plot_curve
 from stepcoder.kernels.reference import kl_penalty
+from stepcoder.metrics import bootstrap_ci
 from stepcoder.models import (
     build_default_model,
     build_default_tokenizer,
@@ -96,6 +98,7 @@ class Sample:
     fgo: list[int] = dataclasses.field(default_factory=list)
     spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # each code token's text in `completion`
     truncated: bool = False  # generation hit max_new_tokens
+    wall_timeout: bool = False  # judged timeout by the sandbox's wall-clock backstop, not by CPU time
 
 
 def generate(policy, tokenizer, prompts: list[str], config: TrainConfig, device) -> list[tuple[list[int], list[int]]]:
@@ -155,7 +158,7 @@ def collect_rollouts(policy, tokenizer, problems: list[Problem], curriculum: Cur
     for sample, future in zip(samples, futures):
         result = future.result()
         sample.verdict, sample.executed_lines = result.verdict, result.executed_lines
-        sample.tests_ran = bool(result.tests)
+        sample.tests_ran, sample.wall_timeout = bool(result.tests), result.wall_timeout
     timings["time_sandbox_s"] = time.perf_counter() - start
     for sample in samples:
         sample.fgo = fgo_mask(sample, tokenizer) if not config.no_fgo else [1] * len(sample.response_ids)
@@ -407,6 +410,7 @@ class Logger:
         self.enabled = world()[0] == 0
         self.history: list[dict] = []
         self.evals: list[dict] = []  # held-out evaluation rows, also in metrics.jsonl
+        self.eval_seconds = 0.0  # spent evaluating in this process
         self.board = None
         if not self.enabled:
             return
@@ -439,6 +443,7 @@ class Logger:
         """A held-out evaluation's row: in metrics.jsonl (beside the steps) and TensorBoard."""
         if self.enabled:
             self.evals.append(row)
+            self.eval_seconds += row["time_eval_s"]
             self._write(row)
 
     def _write(self, row: dict) -> None:
@@ -463,9 +468,11 @@ def step_metrics(step: int, samples: list[Sample], batch: Batch, experience: dic
                  curriculum: Curriculum | None, timings: dict) -> dict:
     """Every number summed over ranks before it is averaged."""
     outcomes: dict[str, int] = {}
-    for verdicts in all_gather([s.verdict for s in samples]):
-        for verdict in verdicts:
+    wall_timeouts = 0
+    for verdicts in all_gather([(s.verdict, s.wall_timeout) for s in samples]):
+        for verdict, by_wall in verdicts:
             outcomes[verdict] = outcomes.get(verdict, 0) + 1
+            wall_timeouts += by_wall
     action = batch.action_mask
     truncated = action.new_tensor(float(sum(s.truncated for s in samples)))
     sums = all_sum(torch.stack([batch.scores.sum(), experience["kl"].sum(), action.sum(),
@@ -476,18 +483,25 @@ def step_metrics(step: int, samples: list[Sample], batch: Batch, experience: dic
                "pass_rate": outcomes.get("pass", 0) / max(sum(outcomes.values()), 1),
                "kl": kl / max(tokens, 1.0), "response_length_mean": tokens / count,
                "truncated_frac": truncated / count, "fgo_masked_frac": masked / max(tokens, 1.0),
-               "outcomes": outcomes}
+               "outcomes": outcomes, "sandbox_wall_timeouts": wall_timeouts}
     metrics.update({name: value for name, value in update.items()})
     if curriculum is not None:
         metrics["cccs_stage_mean"] = curriculum.mean_stage()
         metrics["cccs_histogram"] = {str(k): v for k, v in curriculum.histogram().items()}
+        metrics["cccs_full_windows"] = curriculum.full_windows()
     else:
         metrics["cccs_stage_mean"] = 0.0
     metrics.update({name: round(value, 4) for name, value in timings.items()})
     return metrics
 
 
-def summarize(history: list[dict], wall_seconds: float) -> str:
+def summarize(history: list[dict], build_seconds: float, steps: int, ppo_seconds: float, eval_seconds: float) -> str:
+    """This process's times: building the models (with the warm-up), the PPO steps, the held-out
+    evaluations; pass rate and reward of the run's first quarter against its last."""
+    times = (f"model built and warmed up in {build_seconds:.1f} s; {steps} PPO steps in {ppo_seconds:.1f} s; "
+             f"held-out evaluations {eval_seconds:.1f} s")
+    if not history:
+        return times
     quarter = max(len(history) // 4, 1)
     first, last = history[:quarter], history[-quarter:]
 
@@ -497,7 +511,7 @@ def summarize(history: list[dict], wall_seconds: float) -> str:
     phases = {name: sum(r.get(name, 0.0) for r in history) for name in
               ("time_generate_s", "time_sandbox_s", "time_forward_s", "time_update_s")}
     dominant = max(phases, key=phases.get)
-    lines = [f"{len(history)} steps in {wall_seconds:.1f} s",
+    lines = [times,
              f"pass rate: first quarter {mean(first, 'pass_rate'):.3f} -> last quarter {mean(last, 'pass_rate'):.3f}",
              f"reward:    first quarter {mean(first, 'reward_mean'):+.3f} -> "
              f"last quarter {mean(last, 'reward_mean'):+.3f}",
@@ -541,7 +555,7 @@ def held_out_evaluation(policy, tokenizer, problems: list[Problem], sandbox: San
     sample = functools.partial(generate, policy, tokenizer, config=settings, device=device)
     chat = chat_option(config.chat)
     evaluation = evaluate_policy(sample, tokenizer, problems, config.eval_samples, sandbox, chat, step,
-                                 config.generation_batch_size)
+                                 config.eval_batch_size)
     if logger.enabled:
         evaluation.save(logger.output)
         logger.evaluation(evaluation.row(config.eval_data, config.eval_temperature))
@@ -556,11 +570,38 @@ def report_evaluations(logger: Logger, config: TrainConfig) -> None:
     before, after = Evaluation.load(logger.output, 0), Evaluation.load(logger.output, config.total_steps)
     if before is None or after is None:
         return
+    if config.total_steps == 0:  # a warm-up-only run: the start, nothing to compare it with
+        low, high = bootstrap_ci(before.rates())
+        print(f"held-out pass@1 on {config.eval_data} ({len(before.passed)} problems x {before.samples} samples, "
+              f"T={config.eval_temperature}): {100 * before.pass_at(1):.1f}% [{100 * low:.1f}%, {100 * high:.1f}%]")
+        return
     comparison = compare(before, after)
     # written last and atomically: its presence marks a finished run (python -m stepcoder.ablation)
     write_atomically(logger.output / "eval_summary.json", json.dumps(
         {"eval_data": config.eval_data, "temperature": config.eval_temperature, **comparison}, indent=2) + "\n")
     print(describe(comparison, config.eval_data, config.eval_temperature))
+
+
+def sandbox_workers(config: TrainConfig) -> int:
+    """--sandbox_workers, or this rank's share of the CPUs it may run on less one left to the trainer.
+    Verdicts are by CPU time, so a crowded machine no longer fails correct programs, but it would still
+    slow generation and every other rank's pool."""
+    if config.sandbox_workers is not None:
+        return config.sandbox_workers
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // local_ranks - 1)
+
+
+def make_curriculum(stages: dict[str, list[str]], config: TrainConfig) -> Curriculum:
+    """The CCCS curriculum; --cccs_window defaults to one draw's rollouts (per problem: the rollouts of
+    one prompt; global: one step's). Warns, naming the numbers, when it cannot move in this run."""
+    rollouts_per_step = config.problems_per_step * world()[1] * config.rollouts_per_prompt
+    window = config.cccs_window or (rollouts_per_step if config.cccs_mode == "global" else config.rollouts_per_prompt)
+    warning = reach_warning(config.cccs_mode, window, [len(prefixes) for prefixes in stages.values()],
+                            config.total_steps, rollouts_per_step, config.rollouts_per_prompt)
+    if warning and world()[0] == 0:
+        print(f"warning: {warning}", file=sys.stderr)
+    return Curriculum(stages, threshold=config.cccs_threshold, window=window, mode=config.cccs_mode)
 
 
 def problem_batch(problems: list[Problem], position: int, config: TrainConfig, seed: int) -> list[Problem]:
@@ -611,7 +652,7 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
     else:
         if fresh:
             tokenizer = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
-            policy = build_default_model(tokenizer, config.seed)
+            policy = build_default_model(tokenizer, config.seed, config.n_layer, config.n_embd)
         else:
             policy, tokenizer = load_model(config.model_name_or_path, dtype=torch.float32)
         without_dropout(policy).to(device)
@@ -684,14 +725,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     resume_from = checkpoint.find(config.output_dir, config.resume_from_checkpoint)
-    started = time.perf_counter()
-
     # Models: the policy, a frozen reference, and the critic; then sharded or replicated.
-    stages = cccs_stages(problems, config)
-    policy, reference, tokenizer, save_reference, export_dtype = build_models(config, problems, stages,
+    # the warm-up sees every CCCS stage whatever the RL arm (--no_cccs, --no_fgo): one start for all arms
+    warmup_stages = cccs_stages(problems, dataclasses.replace(config, no_cccs=False))
+    stages = cccs_stages(problems, config) if config.no_cccs else warmup_stages
+    started = time.perf_counter()
+    policy, reference, tokenizer, save_reference, export_dtype = build_models(config, problems, warmup_stages,
                                                                               resume_from, device)
+    build_seconds = time.perf_counter() - started
     try:
-        check_prompts_fit(policy, tokenizer, problems, stages, config)
+        check_prompts_fit(policy, tokenizer, problems, warmup_stages if config.sft_steps else stages, config)
     except DataError as error:
         sys.exit(f"error: {error}")
     if config.top_p < 1 and rank == 0:
@@ -710,8 +753,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  warmup_steps=config.warmup_steps, kind=config.lr_scheduler_type)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
 
-    curriculum = None if config.no_cccs else Curriculum(stages, threshold=config.cccs_threshold,
-                                                        window=config.cccs_window, mode=config.cccs_mode)
+    curriculum = None if config.no_cccs else make_curriculum(stages, config)
     generator = torch.Generator().manual_seed(config.seed + rank)
     trainer_state = {"step": 0, "position": 0}
     if resume_from is not None:
@@ -723,11 +765,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     first_step = trainer_state["step"]
     last_step = config.total_steps if config.stop_after_steps is None else min(
         config.total_steps, first_step + config.stop_after_steps)
-    with Sandbox(workers=config.sandbox_workers, timeout=config.sandbox_timeout, memory_mb=config.sandbox_memory_mb,
-                 trace=not config.no_fgo,
+    with Sandbox(workers=sandbox_workers(config), timeout=config.sandbox_timeout,
+                 wall_timeout=config.sandbox_wall_timeout, memory_mb=config.sandbox_memory_mb, trace=not config.no_fgo,
                  stop_on_first_failure=config.no_fgo or config.fgo_coverage == "first_failure") as sandbox:
         if eval_problems and first_step == 0:
             held_out_evaluation(train_policy, tokenizer, eval_problems, sandbox, config, device, 0, logger)
+        started, evaluating = time.perf_counter(), logger.eval_seconds
         progress = tqdm(range(first_step, last_step), desc="ppo", unit="step", disable=rank != 0)
         for step in progress:
             timings: dict[str, float] = {}
@@ -763,8 +806,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                    "reference": reference}, tokenizer, optimizers, schedulers,
                                 curriculum, trainer_state, to_json(config), generator, export_dtype, save_reference,
                                 config.share_trunk, config.save_total_limit)
-    if rank == 0 and logger.history:
-        print(summarize(logger.history, time.perf_counter() - started))
+        if config.total_steps == 0:  # a warm-up-only run: its model, saved as any checkpoint is
+            checkpoint.save(output, 0, {"policy": train_policy, "critic": train_critic, "reference": reference},
+                            tokenizer, optimizers, schedulers, curriculum, trainer_state, to_json(config), generator,
+                            export_dtype, save_reference, config.share_trunk, config.save_total_limit)
+        ppo_seconds = time.perf_counter() - started - (logger.eval_seconds - evaluating)
+    if rank == 0:
+        print(summarize(logger.history, build_seconds, last_step - first_step, ppo_seconds, logger.eval_seconds))
     report_evaluations(logger, config)
     return logger.history
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stepcoder.cccs import Curriculum, prefixes, split_points
+from stepcoder.cccs import Curriculum, prefixes, reach, reach_warning, split_points
 
 APPS_PLUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "apps_plus" / "valid_all.json"
 
@@ -154,3 +154,60 @@ def test_bad_curriculum_arguments():
         Curriculum({"a": [""]}, mode="sometimes")
     with pytest.raises(ValueError, match="window=5"):
         Curriculum({"a": [""]}, window=4).load_state_dict(Curriculum({"a": [""]}, window=5).state_dict())
+
+
+def simulate(mode: str, window: int, stage_counts: list[int], steps: int, problems_per_step: int,
+             rollouts_per_prompt: int) -> int:
+    """The trainer's own draw order (train.problem_batch) with every rollout passing: the most stages
+    any problem moves in `steps` steps -- the brute-force reference for ``reach``."""
+    from stepcoder import train
+    from stepcoder.config import parse_config
+
+    config = parse_config(["--output_dir", "unused", "--problems_per_step", str(problems_per_step)])
+    problems = [train.Problem(id=str(i), question="", starter_code="", solutions=[], tests=[], kind="stdin",
+                              entry=None) for i in range(len(stage_counts))]
+    stages = {str(i): [f"p{j}" for j in range(count - 1)] + [""] for i, count in enumerate(stage_counts)}
+    curriculum = Curriculum(stages, threshold=1.0, window=window, mode=mode)
+    for step in range(steps):
+        chosen = train.problem_batch(problems, step * problems_per_step, config, seed=0)
+        drawn = [(p.id, curriculum.stage(p.id)) for p in chosen for _ in range(rollouts_per_prompt)]
+        for problem, stage in drawn:  # a step's rollouts are generated before any is recorded
+            curriculum.record(problem, True, stage)
+    return max(curriculum.stage(p) for p in stages)
+
+
+def test_reach_equals_the_brute_force_curriculum_and_warns_when_it_cannot_move():
+    rng = random.Random()
+    for _ in range(60):
+        mode = rng.choice(["per_problem", "global"])
+        per_step, rollouts = rng.randint(1, 6), rng.randint(1, 6)
+        problems, window, steps = rng.randint(per_step, 40), rng.randint(1, 16), rng.randint(1, 30)
+        counts = [rng.randint(1, 8) for _ in range(problems)]
+        if mode == "global":  # a problem past its last stage keeps counting towards the global window, a
+            counts = [max(counts)] * problems  # speed-up ``reach`` leaves out: same stage count for all
+        possible, _ = reach(mode, window, counts, steps, per_step * rollouts, rollouts)
+        moved = simulate(mode, window, counts, steps, per_step, rollouts)
+        case = (mode, problems, per_step, rollouts, window, steps)
+        # exact when epochs end with steps; otherwise a problem drawn at the end of one epoch and the
+        # start of the next within one step gets two draws at one stage, which can advance it only once
+        assert moved == min(possible, max(counts) - 1) if problems % per_step == 0 else moved <= possible, case
+    # the issue's setting: 1000 problems, 8 per step, 4 rollouts, window 8, 80 steps: nothing moves
+    stuck = reach_warning("per_problem", 8, [3] * 1000, 80, 32, 4)
+    assert stuck is not None and "cannot advance at all" in stuck and "1000 problems" in stuck
+    assert reach_warning("per_problem", 8, [3] * 48, 40, 32, 4) is None  # the built-in set comes back often
+    assert reach_warning("global", 32, [3] * 1000, 60, 32, 4) is None
+    assert "at most 1 stage" in reach_warning("global", 64, [5] * 10, 2, 32, 4)
+
+
+def test_the_trainer_warns_at_start_when_the_curriculum_cannot_move(capsys):
+    from stepcoder import train
+    from stepcoder.config import parse_config
+
+    stages = {str(i): ["a", "b", ""] for i in range(1000)}
+    stuck = parse_config(["--output_dir", "unused", "--total_steps", "80", "--cccs_mode", "per_problem",
+                          "--cccs_window", "8"])
+    assert train.make_curriculum(stages, stuck).window == 8
+    assert "cannot advance at all" in capsys.readouterr().err
+    moving = parse_config(["--output_dir", "unused"])  # the small model's global curriculum, default window
+    assert train.make_curriculum(stages, moving).window == 32  # one step: 8 problems x 4 rollouts
+    assert "warning" not in capsys.readouterr().err

@@ -14,6 +14,7 @@ import pytest
 from stepcoder.cccs import prefixes
 from stepcoder.data import (DataError, load_apps, load_apps_plus, load_builtin, load_humaneval, load_mbpp,
                             load_problems)
+from stepcoder.fgo import token_mask
 from stepcoder.sandbox import Sandbox, TestCase
 
 APPS_PLUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "apps_plus" / "valid_all.json"
@@ -248,3 +249,28 @@ def test_apps_plus_canonical_solutions_pass():
     with Sandbox(workers=2, timeout=15.0, trace=False) as sb:
         verdicts = canonical_verdicts(sb, problems)
     assert [(p.id, v) for p, v in zip(problems, verdicts) if v != "pass"] == []
+
+
+@pytest.mark.skipif(not APPS_PLUS.exists(), reason="the team's APPS+ copy (../shared/data/apps_plus) is absent")
+def test_fgo_masks_whole_program_answers_on_apps_plus():
+    """Each canonical solution written as an instruct model answers -- prose, the whole program in a
+    ```python fence, prose -- after the full-generation prompt, judged with line tracing over all its
+    tests as the trainer does: the FGO mask (one token per character, the finest a tokenizer can give)
+    drops the lines no test ran in most problems, not only in continuations."""
+    problems = [problem for problem in load_apps_plus(str(APPS_PLUS)).problems if runnable_here(problem)]
+    answers = [f"Here is a solution.\n```python\n{problem.solutions[0].rstrip()}\n```\nIt reads the input first.\n"
+               for problem in problems]
+    jobs = [problem.job(problem.program(answer)) for problem, answer in zip(problems, answers)]
+    with Sandbox(workers=2, timeout=15.0, trace=True, stop_on_first_failure=False) as sb:
+        results = sb.run_many(jobs)
+    masked_problems = 0
+    for problem, answer, result in zip(problems, answers, results):
+        assert result.verdict == "pass", problem.id
+        mask = token_mask(problem.context(), answer, [(i, i + 1) for i in range(len(answer))],
+                          result.executed_lines, problem.entry)
+        dropped = "".join(char for char, keep in zip(answer, mask) if not keep)
+        assert "Here is" not in dropped and "```" not in dropped and "reads the input" not in dropped
+        masked_problems += 0 in mask
+    share = masked_problems / len(problems)
+    print(f"FGO masks part of the answer in {masked_problems} of {len(problems)} APPS+ problems ({share:.1%})")
+    assert share > 0.2

@@ -42,12 +42,25 @@ def test_samples_of_each_failure_kind_end_to_end(tmp_path):
     assert summary["pass@1"] == pytest.approx(0.2) and list(summary["pass@k"]) == ["1"]
     assert {v: n for v, n in summary["outcomes"].items() if n} == {kind: 1 for kind in KINDS}
     assert summary["failure_shares"]["compile_error"] == pytest.approx(0.25)
+    assert summary["wall_timeouts"] == 0  # the spinning program is stopped by its CPU time
     report = json.loads((out / "report.json").read_text())
+    assert report["wall_timeouts"] == 0
     assert report["pass@1"] == pytest.approx(0.2) and report["num_problems"] == 5
     assert set(report["by_difficulty"]) <= {"introductory", "interview"}
     verdicts = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
     assert {(v["task_id"], v["verdict"]) for v in verdicts} == {(p.id, k) for p, k in zip(problems, KINDS)}
     assert (out / "outcomes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sleeping_program_is_counted_as_a_wall_backstop_timeout(tmp_path):
+    problem = next(p for p in load_builtin().problems if p.kind == "function")
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"task_id": problem.id, "completion": "    import time\n    time.sleep(100)\n"}) + "\n")
+    with pytest.warns(UserWarning, match="have no samples"):
+        summary = evaluate.main(["--samples", str(path), "--timeout", "0.5", "--wall_timeout", "1", "--workers", "1"])
+    assert summary["outcomes"]["timeout"] == 1 and summary["wall_timeouts"] == 1
+    with pytest.raises(SystemExit):
+        evaluate.main(["--samples", str(path), "--timeout", "2", "--wall_timeout", "1"])
 
 
 def test_unknown_task_ids_and_bad_flags_are_errors(tmp_path):
@@ -116,6 +129,26 @@ def test_greedy_decoding_with_several_samples_repeats_the_one_greedy_completion(
     summary = evaluate.main(["--model", str(tmp_path / "model"), "--n", "2", "--limit", "2", "--max_new_tokens", "8",
                              "--temperature", "0", "--workers", "1"])
     assert summary["num_programs"] == 4
+    # top_k applies (top-1 sampling is greedy), and is off unless asked, as in the trainer
+    top1 = list(sample(model, tokenizer, prompts, n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=4,
+                       top_k=1))
+    assert [texts[:1] * 2 for texts in single] == top1
+    arguments = evaluate.parse_args(["--canonical"])
+    assert (arguments.top_k, arguments.top_p, arguments.max_new_tokens) == (0, 1.0, None)
+
+
+def test_the_default_generation_budget_suits_the_data(tmp_path):
+    from stepcoder.generation import suited_max_new_tokens
+
+    from transformers import AutoTokenizer
+
+    _tiny_model(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    solutions = [p.solutions[0] for p in load_builtin().problems]
+    counts = sorted(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in solutions)
+    expected = int(1.5 * counts[int(0.95 * (len(counts) - 1))]) + 8
+    assert counts[0] < expected and suited_max_new_tokens(tokenizer, solutions) == max(64, min(2048, expected))
+    assert suited_max_new_tokens(tokenizer, []) == 512
 
 
 def test_a_checkpoints_reference_and_policy_are_judged_side_by_side(tmp_path, capsys, monkeypatch):

@@ -139,7 +139,12 @@ def test_line_verdicts_expand_hits_to_statements():
     assert line_verdicts("def f(:\n", [1]) is None
 
 
-def test_mask_property_on_generated_programs(tokenizer):
+@pytest.mark.parametrize("form", ["continuation", "restated"])
+def test_mask_property_on_generated_programs(tokenizer, form):
+    """continuation: the completion continues the program from a random point (line boundary or mid-line).
+    restated: the whole program in a ```python fence with prose around it (or cut inside the fence), after
+    a context that only opened the entry's definition -- the instruct-model answer; it replaces that
+    definition, and the judged program is the generated one."""
     rng = random.Random()
     masked = kept = 0
     for _ in range(60):
@@ -148,26 +153,34 @@ def test_mask_property_on_generated_programs(tokenizer):
         stdin = f"{rng.randint(-3, 3)} {rng.randint(-3, 3)}\n"
         executed, _ = settrace_lines(source, stdin)
         truth = program.truth(set(executed))
-        split = rng.randrange(len(source))  # at a line boundary or mid-line
-        context, code = source[:split], source[split:]
-        completion = code + rng.choice(["", "```", "```\nThat is the program.\n"])
+        if form == "continuation":
+            split = rng.randrange(len(source))
+            context, entry, before = source[:split], None, ""
+            code = source[split:]
+            after = rng.choice(["", "```", "```\nThat is the program.\n"])
+        else:
+            split, context, entry, code = 0, "def helper(a):\n", "helper", source
+            before = rng.choice(["", "Here is a solution.\n", "Sure! It reads x and y:\n\n"]) + "```python\n"
+            after = rng.choice(["```", "```\nIt adds things up.\n", ""])
+        completion = before + code + after
         ids = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
         offsets = token_offsets(tokenizer, ids)
-        mask = token_mask(context, completion, offsets, executed)
+        mask = token_mask(context, completion, offsets, executed, entry=entry)
         assert len(mask) == len(ids)
         line_starts = [0] + [i + 1 for i, c in enumerate(source) if c == "\n"]
         for (first, last), value in zip(offsets, mask):
-            last = min(last, len(code))
+            first, last = max(first, len(before)), min(last, len(before) + len(code))
             if first >= last:
-                assert value == 1  # the fence, the prose, the end-of-sequence token
+                assert value == 1  # the fences, the prose, the end-of-sequence token
                 continue
-            lines = range(bisect_right(line_starts, split + first), bisect_right(line_starts, split + last - 1) + 1)
+            first, last = first - len(before) + split, last - len(before) + split  # offsets in `source`
+            lines = range(bisect_right(line_starts, first), bisect_right(line_starts, last - 1) + 1)
             verdicts = {truth[line] for line in lines}
             if verdicts == {NOT_RAN}:
-                assert value == 0, (source, context, completion[first:last])
+                assert value == 0, (source, context, source[first:last])
                 masked += 1
             if RAN in verdicts:
-                assert value == 1, (source, context, completion[first:last])
+                assert value == 1, (source, context, source[first:last])
                 kept += 1
     assert masked > 100 and kept > 100  # both sides of the property were exercised
 

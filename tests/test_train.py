@@ -22,7 +22,8 @@ TINY = ["--data", "builtin", "--limit", "8", "--problems_per_step", "4", "--roll
         "--sft_steps", "20", "--generation_batch_size", "8", "--num_mini_batches", "2", "--sandbox_workers", "1",
         "--save_steps", "100", "--sample_every", "1"]
 REQUIRED = ("step", "reward_mean", "pass_rate", "kl", "entropy", "clipfrac", "value_loss", "cccs_stage_mean",
-            "fgo_masked_frac", "outcomes", "time_generate_s", "time_sandbox_s", "time_forward_s", "time_update_s")
+            "cccs_histogram", "cccs_full_windows", "fgo_masked_frac", "outcomes", "sandbox_wall_timeouts",
+            "time_generate_s", "time_sandbox_s", "time_forward_s", "time_update_s")
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +42,8 @@ def test_one_ppo_step_end_to_end(tmp_path, capfd):
     console = capfd.readouterr()
     for noise in ("Writing model shards", "Loading weights", "loss_type", "Warning"):  # transformers', compilers'
         assert noise not in console.err + console.out, noise
-    assert "supervised warm-up: 20 steps" in console.out and "1 steps in" in console.out
+    assert "supervised warm-up: 20 steps" in console.out and "1 PPO steps in" in console.out
+    assert "model built and warmed up in" in console.out and "held-out evaluations" in console.out
     (metrics,) = history
     assert set(REQUIRED) <= set(metrics)
     assert metrics["step"] == 1 and sum(metrics["outcomes"].values()) == 8
@@ -256,6 +258,8 @@ def test_two_processes_over_gloo(tmp_path):
     (["--top_p", "0"], "top_p"),
     (["--cccs_threshold", "1.5"], "cccs_threshold"),
     (["--dual_clip", "0.5"], "dual_clip"),
+    (["--n_embd", "30"], "n_embd"),
+    (["--sandbox_timeout", "2", "--sandbox_wall_timeout", "1"], "sandbox_wall_timeout"),
     (["--config", "/nonexistent.yaml"], "no such file"),
 ])
 def test_bad_configurations_fail_before_any_work(argv, message):
@@ -345,3 +349,35 @@ def test_held_out_evaluation_before_and_after_agrees_with_evaluate(tmp_path, cap
                                 "--temperature", "0", "--max_new_tokens", "40", "--workers", "1", "--timeout", "0.5"])
         judged = {verdict: count for verdict, count in report["outcomes"].items() if count}
         assert judged == evals[step]["eval_outcomes"], model
+
+
+def test_a_warm_up_only_run_is_one_start_for_every_arm(tmp_path, capsys):
+    """--total_steps 0 saves the warmed-up model as checkpoint-0; the warm-up does not depend on the RL
+    arm (--no_cccs, --no_fgo), so the ablation's arms start from one model; --n_layer/--n_embd size it."""
+    from safetensors.torch import load_file
+
+    from stepcoder.generation import load_model
+
+    weights = {}
+    for name, extra in (("full", []), ("vanilla", ["--no_cccs", "--no_fgo"])):
+        assert run(tmp_path, "--total_steps", "0", *extra, name=name) == []
+        folder = tmp_path / name / "checkpoint-0" / "policy"
+        weights[name] = load_file(folder / "model.safetensors")
+        model, _ = load_model(str(folder), device="cpu")  # usable as it is, by evaluate too
+    assert "0 PPO steps" in capsys.readouterr().out
+    assert weights["full"].keys() == weights["vanilla"].keys()
+    for key in weights["full"]:
+        assert torch.equal(weights["full"][key], weights["vanilla"][key]), key
+    run(tmp_path, "--total_steps", "0", "--n_layer", "3", "--n_embd", "64", name="sized")
+    config = json.loads((tmp_path / "sized" / "checkpoint-0" / "policy" / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"]) == (3, 64)
+
+
+def test_the_sandbox_pool_leaves_a_cpu_to_the_trainer(monkeypatch):
+    config = parse_config(["--output_dir", "unused"])
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert train.sandbox_workers(config) == max(1, cpus - 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cpus))  # more ranks than CPUs: still one worker each
+    assert train.sandbox_workers(config) == 1
+    assert train.sandbox_workers(parse_config(["--output_dir", "unused", "--sandbox_workers", "3"])) == 3

@@ -10,8 +10,8 @@ functions of one or two arguments.
 
 Splits are disjoint by construction: a problem belongs to the held-out space when a hash of its
 canonical solution falls in one fifth of its range, and every split only keeps problems of its own
-space. ``synthetic:train`` (1000 problems, seed 0) and ``synthetic:heldout`` (400, seed 1) are fixed;
-``synthetic:heldout:SEED`` draws 400 other held-out problems, still disjoint from train. Expected
+space. ``synthetic:train`` (1000 problems, seed 0) and ``synthetic:heldout`` (1600, seed 1) are fixed;
+``synthetic:heldout:SEED`` draws 1600 other held-out problems, still disjoint from train. Expected
 outputs are computed from the rules themselves, never by running the canonical solution.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from stepcoder.data.problem import DataError, Problem
 from stepcoder.sandbox import TestCase
 
-TRAIN_SIZE, HELDOUT_SIZE = 1000, 400
+TRAIN_SIZE, HELDOUT_SIZE = 1000, 1600
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 HELDOUT_SHARE = 5  # one problem space in five is held out
 

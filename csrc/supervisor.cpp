@@ -33,7 +33,7 @@ bool wait_until_exit(pid_t pid, long long cpu_limit_ns, long long deadline_ns, T
   UniqueFd pidfd(static_cast<int>(syscall(SYS_pidfd_open, pid, 0)));
   clockid_t clock;
   const bool have_clock = clock_getcpuclockid(pid, &clock) == 0;
-  const long cpus = std::max(1L, sysconf(_SC_NPROCESSORS_ONLN));
+  static const long cpus = std::max(1L, sysconf(_SC_NPROCESSORS_ONLN));  // glibc reads /sys for it
   for (;;) {
     const long long wall_left_ns = deadline_ns - monotonic_ns();
     if (wall_left_ns <= 0) {

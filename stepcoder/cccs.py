@@ -188,6 +188,6 @@ def reach_warning(mode: str, window: int, stage_counts: list[int], steps: int, r
         how = (f"each of {len(stage_counts)} problems is drawn about {visits} time(s) in {steps} steps with "
                f"{rollouts_per_prompt} rollouts, and a window of {window} rollouts at one stage moves it")
     what = "cannot advance at all" if possible == 0 else f"can advance at most {possible} stage(s)"
+    remedies = "lower --cccs_window" + (", use --cccs_mode global, train on fewer problems" if mode != "global" else "")
     return (f"the CCCS curriculum ({mode}) {what} in this run, while a typical problem needs {needed} to reach "
-            f"full generation: {how}. Lower --cccs_window, use --cccs_mode global, train on fewer problems "
-            "or for more steps.")
+            f"full generation: {how}. To let it move: {remedies} or train for more steps.")

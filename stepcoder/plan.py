@@ -75,13 +75,16 @@ def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = Tru
     share = ranks if sharded else 1
     compute = compute_dtype(config.precision, torch.device("cuda" if on_gpu else "cpu")).itemsize
     lines = []
-    for name, model in (("policy", policy), ("critic", critic)):
+    trained = [("policy", policy)] + ([("critic", critic)] if config.advantage == "gae" else [])  # grpo, rloo: none
+    for name, model in trained:
         local = held(model, share)
         lines += [Line("static", f"{name} weights (fp32 masters)", 4 * local, True),
                   Line("static", f"{name} gradients (fp32)", 4 * local, True),
                   Line("static", f"{name} optimizer states (AdamW m, v: fp32)", 8 * local, True)]
-    reference = 0 if config.reference_offload and sharded else compute * held(policy, share)
-    lines.append(Line("static", "reference weights" + (" (CPU-offloaded)" if reference == 0 else ""), reference, True))
+    if config.kl_coef > 0:  # beta = 0: no reference model
+        reference = 0 if config.reference_offload and sharded else compute * held(policy, share)
+        lines.append(Line("static", "reference weights" + (" (CPU-offloaded)" if reference == 0 else ""), reference,
+                          True))
 
     hidden, layers, vocab = settings.hidden_size, settings.num_hidden_layers, settings.vocab_size
     heads = settings.num_attention_heads

@@ -4,11 +4,12 @@ One step, top to bottom (CleanRL's PPO is the model):
   1. rollouts: each problem's prompt (with its CCCS prefix) sampled `rollouts_per_prompt` times with the
      KV cache; programs go to the sandbox as soon as their batch is generated;
   2. rewards: the verdict's reward on the last generated token, minus kl_coef * KL(policy || reference)
-     on every generated token; FGO masks tokens on lines that never ran;
-  3. old log-probs, reference log-probs and values in one no-grad pass each; GAE; advantage whitening
-     over the tokens in the policy loss;
+     on every generated token (or in the loss: --kl_in_loss); FGO masks tokens on lines that never ran;
+  3. old log-probs, reference log-probs and values in one no-grad pass each; advantages
+     (``stepcoder.advantages``): GAE whitened over the tokens in the policy loss, or, without a critic,
+     each rollout against the other rollouts of its prompt (--advantage grpo|rloo);
   4. ppo_epochs x mini-batches x micro-batches: the clipped policy loss (action mask x FGO mask) and the
-     clipped value loss (action mask), each normalised by the global count of its tokens;
+     clipped value loss (action mask; GAE only), each normalised by the global count of its tokens;
   5. the curriculum advances problems whose recent pass rate reached rho; metrics, samples, checkpoints.
 
 With no arguments it builds a small GPT-2 and tokenizer offline, warms them up on the canonical
@@ -34,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stepcoder import checkpoint, kernels
+from stepcoder.advantages import gae_advantages, group_advantages
 from stepcoder.cccs import Curriculum, prefixes, reach_warning
 from stepcoder.config import ConfigError, TrainConfig, parse_config, to_json
 from stepcoder.data import DataError, Problem, load_problems
@@ -186,6 +188,7 @@ class Batch:
     action_mask: torch.Tensor     # [N, R]: generated tokens (EOS included)
     policy_mask: torch.Tensor     # action mask x FGO mask
     scores: torch.Tensor          # [N]: the verdicts' rewards
+    prompts: list[tuple[str, int]]  # [N]: each rollout's prompt (problem, CCCS stage): its group
 
 
 def pad_batch(samples: list[Sample], tokenizer, config: TrainConfig, device) -> Batch:
@@ -206,7 +209,7 @@ def pad_batch(samples: list[Sample], tokenizer, config: TrainConfig, device) -> 
     scores = torch.tensor([reward_of(s.verdict, config) - (config.truncation_penalty if s.truncated else 0.0)
                            for s in samples])
     return Batch(ids.to(device), attention.to(device), ids[:, width:].to(device), action.to(device),
-                 (action * fgo).to(device), scores.to(device))
+                 (action * fgo).to(device), scores.to(device), [(s.problem.id, s.stage) for s in samples])
 
 
 def response_logits(model, batch: Batch, rows) -> torch.Tensor:
@@ -267,22 +270,31 @@ def response_values(critic, batch: Batch, rows) -> torch.Tensor:
 
 @torch.no_grad()
 def score_rollouts(policy, reference, critic, batch: Batch, config: TrainConfig) -> dict:
-    """Old and reference log-probs, values (no-grad forwards in chunks of forward_batch_size rollouts),
-    KL-shaped rewards, GAE, whitened advantages."""
+    """Old and reference log-probs and values (no-grad forwards in chunks of forward_batch_size
+    rollouts; no reference when kl_coef is 0, no values without a critic), then advantages: GAE over
+    KL-shaped rewards, or a group baseline (grpo, rloo) on the score less kl_coef x the response's KL,
+    unless the KL goes into the loss (kl_in_loss)."""
     chunks = [slice(start, start + config.forward_batch_size)
               for start in range(0, batch.responses.shape[0], config.forward_batch_size)]
     with compute(config, batch.input_ids.device):
         old_logp = torch.cat([response_logprobs(policy, batch, rows, config) for rows in chunks])
-        ref_logp = torch.cat([response_logprobs(reference, batch, rows, config) for rows in chunks])
-        values = torch.cat([response_values(critic, batch, rows) for rows in chunks]) * batch.action_mask
-    kl = kl_penalty(old_logp, ref_logp, config.kl_estimator) * batch.action_mask
-    rewards = -config.kl_coef * kl
-    last = (batch.action_mask.sum(-1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(last), device=last.device), last] += batch.scores  # on the last generated token
-    advantages, returns = kernels.gae(rewards, values, batch.action_mask, config.gamma, config.lam)
-    advantages = kernels.masked_whiten(advantages, batch.policy_mask)
-    return {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "returns": returns,
-            "advantages": advantages, "kl": kl, "rewards": rewards}
+        ref_logp = None if reference is None else \
+            torch.cat([response_logprobs(reference, batch, rows, config) for rows in chunks])
+        values = None if critic is None else \
+            torch.cat([response_values(critic, batch, rows) for rows in chunks]) * batch.action_mask
+    kl = torch.zeros_like(old_logp) if ref_logp is None else \
+        kl_penalty(old_logp, ref_logp, config.kl_estimator) * batch.action_mask
+    kl_in_reward = 0.0 if config.kl_in_loss else config.kl_coef
+    experience = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "kl": kl}
+    if config.advantage == "gae":
+        experience["advantages"], experience["returns"], _ = gae_advantages(
+            batch.scores, values, kl, batch.action_mask, batch.policy_mask, kl_in_reward, config.gamma, config.lam)
+    else:
+        scores = batch.scores - kl_in_reward * kl.sum(-1)
+        advantages = group_advantages(scores, batch.prompts, config.rollouts_per_prompt, config.advantage,
+                                      scale=not config.grpo_no_std)
+        experience["advantages"] = advantages[:, None] * batch.action_mask
+    return experience
 
 
 def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, config: TrainConfig,
@@ -291,8 +303,10 @@ def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, confi
     The statistics are those of all ranks together: losses summed (each is a share of the global token
     mean), the per-token ones weighted by their tokens."""
     policy.train()
-    critic.train()
+    if critic is not None:
+        critic.train()
     _, world_size = world()
+    kl_in_loss = config.kl_in_loss and experience["ref_logp"] is not None
     names = ("clipfrac", "approx_kl", "entropy", "ratio")
     totals = torch.zeros(3 + len(names), dtype=torch.float64)  # policy loss, value loss, tokens, token-weighted
     updates = 0
@@ -311,6 +325,9 @@ def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, confi
                     options = dict(clip_low=config.cliprange, clip_high=config.cliprange_high or config.cliprange,
                                    dual_clip=config.dual_clip, temperature=config.temperature,
                                    entropy_coef=config.entropy_coef, normalizer=policy_tokens)
+                    if kl_in_loss:
+                        options.update(ref_logp=experience["ref_logp"][micro], kl_coef=config.kl_coef,
+                                       kl_estimator=config.kl_estimator)
                     per_token = (batch.responses[micro], experience["old_logp"][micro],
                                  experience["advantages"][micro], batch.policy_mask[micro])
                     if head is not None:
@@ -320,21 +337,26 @@ def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, confi
                         loss, stats = kernels.ppo_policy_loss(response_logits(policy, batch, micro), *per_token,
                                                               **options)
                     loss.backward()
-                    values = response_values(critic, batch, micro)
-                    value_loss, _ = kernels.value_loss(values, experience["values"][micro],
-                                                       experience["returns"][micro], batch.action_mask[micro],
-                                                       clip=config.cliprange_value or None, normalizer=value_tokens)
-                    value_loss.backward()
+                    value_loss = torch.zeros(())
+                    if critic is not None:
+                        values = response_values(critic, batch, micro)
+                        value_loss, _ = kernels.value_loss(values, experience["values"][micro],
+                                                           experience["returns"][micro], batch.action_mask[micro],
+                                                           clip=config.cliprange_value or None,
+                                                           normalizer=value_tokens)
+                        value_loss.backward()
                 tokens = float((batch.policy_mask[micro] > 0).sum())
                 totals += torch.tensor([loss.item() / world_size, value_loss.item() / world_size, tokens]
                                        + [float(stats[name]) * tokens for name in names], dtype=torch.float64)
-            for model, optimizer in zip((policy, critic), optimizers):
+            for model, optimizer in zip((policy, critic), optimizers):  # no critic: one optimizer
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             updates += 1
     totals = all_sum(totals.to(batch.responses.device)).cpu()
-    result = {"policy_loss": float(totals[0]) / updates, "value_loss": float(totals[1]) / updates}
+    result = {"policy_loss": float(totals[0]) / updates}
+    if critic is not None:
+        result["value_loss"] = float(totals[1]) / updates
     result.update({name: float(totals[3 + i] / totals[2].clamp(min=1)) for i, name in enumerate(names)})
     return result
 
@@ -485,6 +507,8 @@ def step_metrics(step: int, samples: list[Sample], batch: Batch, experience: dic
                "truncated_frac": truncated / count, "fgo_masked_frac": masked / max(tokens, 1.0),
                "outcomes": outcomes, "sandbox_wall_timeouts": wall_timeouts}
     metrics.update({name: value for name, value in update.items()})
+    if experience["ref_logp"] is None:  # kl_coef 0: no reference, nothing measured
+        del metrics["kl"]
     if curriculum is not None:
         metrics["cccs_stage_mean"] = curriculum.mean_stage()
         metrics["cccs_histogram"] = {str(k): v for k, v in curriculum.histogram().items()}
@@ -644,11 +668,14 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
     fresh = config.model_name_or_path is None
     dtype = compute_dtype(config.precision, torch.device(device))
     export_dtype = torch.float32 if fresh else checkpoint_dtype(config.model_name_or_path)
+    keep_reference = config.kl_coef > 0  # beta = 0: no reference model at all
+    reference = None
     if resume_from is not None:
         policy, tokenizer = load_model(str(resume_from / "policy"), dtype=torch.float32)  # weights: from state/
         saved = resume_from / "reference"
-        reference = load_reference(str(saved if saved.exists() else config.model_name_or_path), tokenizer,
-                                   dtype=torch.float32)
+        if keep_reference:
+            reference = load_reference(str(saved if saved.exists() else config.model_name_or_path), tokenizer,
+                                       dtype=torch.float32)
     else:
         if fresh:
             tokenizer = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
@@ -660,13 +687,14 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
             loss = supervised_warmup(policy, tokenizer, problems, stages, config, device)
             if world()[0] == 0:
                 print(f"supervised warm-up: {config.sft_steps} steps, final loss {loss:.3f}")
-        reference = copy.deepcopy(policy)
+        reference = copy.deepcopy(policy) if keep_reference else None
     policy = without_dropout(policy).to(device)
-    reference = without_dropout(reference).to(device=device, dtype=dtype).eval()
-    reference.requires_grad_(False)
+    if reference is not None:
+        reference = without_dropout(reference).to(device=device, dtype=dtype).eval()
+        reference.requires_grad_(False)
     if config.gradient_checkpointing:
         checkpoint_activations(policy)
-    return policy, reference, tokenizer, fresh or config.sft_steps > 0, export_dtype
+    return policy, reference, tokenizer, keep_reference and (fresh or config.sft_steps > 0), export_dtype
 
 
 def wrap_models(policy, critic, reference, config: TrainConfig, device) -> tuple:
@@ -675,11 +703,13 @@ def wrap_models(policy, critic, reference, config: TrainConfig, device) -> tuple
     if world()[1] == 1:
         return policy, critic
     if config.strategy == "ddp":
-        return replicate(policy, device), replicate(critic, device)
+        return replicate(policy, device), None if critic is None else replicate(critic, device)
     dtype = compute_dtype(config.precision, device)
     shard(policy, dtype, device)
-    shard(critic, dtype, device, trunk=critic.trunk)
-    shard(reference, dtype, device, offload=config.reference_offload)
+    if critic is not None:
+        shard(critic, dtype, device, trunk=critic.trunk)
+    if reference is not None:
+        shard(reference, dtype, device, offload=config.reference_offload)
     return policy, critic
 
 
@@ -740,15 +770,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if config.top_p < 1 and rank == 0:
         print(f"warning: top_p {config.top_p} samples from a truncated distribution while the PPO ratio uses the "
               "full softmax: the update is off-policy (use --top_p 1.0 for on-policy PPO)", file=sys.stderr)
-    critic = make_critic(policy, config.share_trunk).to(device)
-    if config.gradient_checkpointing and not config.share_trunk:
-        checkpoint_activations(critic.trunk)
+    critic = None  # critic-free estimators (grpo, rloo) build no value model
+    if config.advantage == "gae":
+        critic = make_critic(policy, config.share_trunk).to(device)
+        if config.gradient_checkpointing and not config.share_trunk:
+            checkpoint_activations(critic.trunk)
     train_policy, train_critic = wrap_models(policy, critic, reference, config, device)
-    critic_parameters = list(critic.head.parameters()) if config.share_trunk else list(train_critic.parameters())
     optimizers = [torch.optim.AdamW(train_policy.parameters(), lr=config.learning_rate, betas=(0.9, 0.95),
-                                    weight_decay=0.0),
-                  torch.optim.AdamW(critic_parameters, lr=config.critic_learning_rate, betas=(0.9, 0.95),
                                     weight_decay=0.0)]
+    if critic is not None:
+        critic_parameters = list(critic.head.parameters()) if config.share_trunk else list(train_critic.parameters())
+        optimizers.append(torch.optim.AdamW(critic_parameters, lr=config.critic_learning_rate, betas=(0.9, 0.95),
+                                            weight_decay=0.0))
     schedule = functools.partial(learning_rate_factor, total_steps=config.total_steps,
                                  warmup_steps=config.warmup_steps, kind=config.lr_scheduler_type)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]

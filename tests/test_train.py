@@ -67,9 +67,9 @@ def test_logprobs_with_and_without_left_padding_agree():
     model, tokenizer = _pair()
     short, long = "print(1)\n", "x = [i * i for i in range(10)]\nprint(sum(x))\n"
     response = tokenizer(" if x > 0:\n    y = 1\n")["input_ids"]
-    samples = []
+    samples, problem = [], load_builtin().problems[0]
     for prompt in (short, long):
-        samples.append(train.Sample(problem=None, stage=0, prefix="", prompt_ids=tokenizer(prompt)["input_ids"],
+        samples.append(train.Sample(problem=problem, stage=0, prefix="", prompt_ids=tokenizer(prompt)["input_ids"],
                                     response_ids=response, completion="", fgo=[1] * len(response)))
     config = parse_config(["--output_dir", "unused"])
     alone = train.pad_batch(samples[:1], tokenizer, config, "cpu")
@@ -168,7 +168,8 @@ def test_truncated_responses_are_counted_and_penalized(tmp_path):
     history = run(tmp_path, "--total_steps", "1", "--sft_steps", "0", "--max_new_tokens", "3",
                   "--truncation_penalty", "0.5")
     assert history[0]["truncated_frac"] > 0.5
-    samples = [train.Sample(problem=None, stage=0, prefix="", prompt_ids=[1], response_ids=[2], completion="",
+    problem = load_builtin().problems[0]
+    samples = [train.Sample(problem=problem, stage=0, prefix="", prompt_ids=[1], response_ids=[2], completion="",
                             verdict="wrong_answer", fgo=[1], truncated=cut) for cut in (False, True)]
     _, tokenizer = _pair()
     batch = train.pad_batch(samples, tokenizer, parse_config(["--output_dir", "x", "--truncation_penalty", "0.5"]),
@@ -301,7 +302,8 @@ def test_losses_from_hidden_states_match_the_logits_path():
     """A plain linear LM head: log-probs from hidden states (no logits) equal those from the logits."""
     model, tokenizer = _pair()
     response = tokenizer(" if x > 0:\n    y = 1\n")["input_ids"]
-    samples = [train.Sample(problem=None, stage=0, prefix="", prompt_ids=tokenizer(p)["input_ids"],
+    problem = load_builtin().problems[0]
+    samples = [train.Sample(problem=problem, stage=0, prefix="", prompt_ids=tokenizer(p)["input_ids"],
                             response_ids=response, completion="", fgo=[1] * len(response))
                for p in ("print(1)\n", "x = 2\nprint(x)\n")]
     fused = parse_config(["--output_dir", "unused"])

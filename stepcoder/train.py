@@ -287,7 +287,7 @@ def score_rollouts(policy, reference, critic, batch: Batch, config: TrainConfig)
     kl_in_reward = 0.0 if config.kl_in_loss else config.kl_coef
     experience = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "kl": kl}
     if config.advantage == "gae":
-        experience["advantages"], experience["returns"], _ = gae_advantages(
+        experience["advantages"], experience["returns"], experience["rewards"] = gae_advantages(
             batch.scores, values, kl, batch.action_mask, batch.policy_mask, kl_in_reward, config.gamma, config.lam)
     else:
         scores = batch.scores - kl_in_reward * kl.sum(-1)

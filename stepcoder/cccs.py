@@ -156,6 +156,11 @@ class Curriculum:
             self._recent[key] = deque(values, maxlen=self.window)
 
 
+def _visits(problems: int, steps: int, problems_per_step: int) -> int:
+    """The most times a problem is drawn in `steps` steps (every problem once per epoch)."""
+    return math.ceil(steps * problems_per_step / max(problems, 1))
+
+
 def reach(mode: str, window: int, stage_counts: list[int], steps: int, rollouts_per_step: int,
           rollouts_per_prompt: int) -> tuple[int, int]:
     """(the most stages the curriculum can advance in `steps` steps, the stages a typical problem has to
@@ -166,11 +171,10 @@ def reach(mode: str, window: int, stage_counts: list[int], steps: int, rollouts_
     rollouts, ceil(window / rollouts_per_step) steps. Reached when every rollout passes (exactly when the
     problems are a multiple of the problems per step; ``tests/test_cccs.py``); in global mode, problems
     already at full generation keep counting towards the next stage's window, which can only be faster."""
-    needed = sorted(count - 1 for count in stage_counts)[len(stage_counts) // 2] if stage_counts else 0
     if mode == "global":
         return steps // math.ceil(window / rollouts_per_step), max(stage_counts, default=1) - 1
-    problems_per_step = rollouts_per_step // rollouts_per_prompt
-    visits = math.ceil(steps * problems_per_step / max(len(stage_counts), 1))
+    needed = sorted(count - 1 for count in stage_counts)[len(stage_counts) // 2] if stage_counts else 0
+    visits = _visits(len(stage_counts), steps, rollouts_per_step // rollouts_per_prompt)
     return visits // math.ceil(window / rollouts_per_prompt), needed
 
 
@@ -184,7 +188,7 @@ def reach_warning(mode: str, window: int, stage_counts: list[int], steps: int, r
         how = (f"one stage needs a window of {window} rollouts, {math.ceil(window / rollouts_per_step)} steps of "
                f"{rollouts_per_step}")
     else:
-        visits = math.ceil(steps * (rollouts_per_step // rollouts_per_prompt) / max(len(stage_counts), 1))
+        visits = _visits(len(stage_counts), steps, rollouts_per_step // rollouts_per_prompt)
         how = (f"each of {len(stage_counts)} problems is drawn about {visits} time(s) in {steps} steps with "
                f"{rollouts_per_prompt} rollouts, and a window of {window} rollouts at one stage moves it")
     what = "cannot advance at all" if possible == 0 else f"can advance at most {possible} stage(s)"

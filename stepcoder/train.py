@@ -795,6 +795,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             curriculum.load_state_dict(json.loads((resume_from / "curriculum.json").read_text()))
     logger = Logger(config, resumed_at=trainer_state["step"] if resume_from is not None else None)
 
+    def save_checkpoint(step: int) -> None:  # the trainer state as it is when called
+        checkpoint.save(output, step, {"policy": train_policy, "critic": train_critic, "reference": reference},
+                        tokenizer, optimizers, schedulers, curriculum, trainer_state, to_json(config), generator,
+                        export_dtype, save_reference, config.share_trunk, config.save_total_limit)
+
     first_step = trainer_state["step"]
     last_step = config.total_steps if config.stop_after_steps is None else min(
         config.total_steps, first_step + config.stop_after_steps)
@@ -835,14 +840,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                                       (step + 1) % config.eval_every == 0)):
                 held_out_evaluation(train_policy, tokenizer, eval_problems, sandbox, config, device, step + 1, logger)
             if (step + 1) % config.save_steps == 0 or step + 1 == last_step:
-                checkpoint.save(output, step + 1, {"policy": train_policy, "critic": train_critic,
-                                                   "reference": reference}, tokenizer, optimizers, schedulers,
-                                curriculum, trainer_state, to_json(config), generator, export_dtype, save_reference,
-                                config.share_trunk, config.save_total_limit)
+                save_checkpoint(step + 1)
         if config.total_steps == 0:  # a warm-up-only run: its model, saved as any checkpoint is
-            checkpoint.save(output, 0, {"policy": train_policy, "critic": train_critic, "reference": reference},
-                            tokenizer, optimizers, schedulers, curriculum, trainer_state, to_json(config), generator,
-                            export_dtype, save_reference, config.share_trunk, config.save_total_limit)
+            save_checkpoint(0)
         ppo_seconds = time.perf_counter() - started - (logger.eval_seconds - evaluating)
     if rank == 0:
         print(summarize(logger.history, build_seconds, last_step - first_step, ppo_seconds, logger.eval_seconds))

@@ -2,15 +2,20 @@
 into place.
 
     checkpoint-N/
-        state/                 torch.distributed.checkpoint: policy and critic weights (fp32 masters) and
-                               optimizer states, sharded as the run holds them (each rank writes its own)
+        state/                 torch.distributed.checkpoint: the weights that train (fp32 masters; with
+                               LoRA the adapters and the value head only) and their optimizer states,
+                               sharded as the run holds them (each rank writes its own)
         schedulers.pt, curriculum.json, trainer_state.json, config.json, rng_rank<R>.pt
         policy/                a plain transformers directory with the tokenizer, in the checkpoint's dtype
-        reference/             the same for the reference, when it is not the base checkpoint
+                               (with LoRA: the adapter merged in)
+        adapter/               LoRA runs: the policy's adapter as peft saves it (PeftModel.from_pretrained)
+        reference/             the same for the reference (with LoRA: the base weights), when it is not
+                               the base checkpoint
         critic/                the critic's trunk, value_head.pt and the tokenizer (GAE runs only)
 
-Resume builds the models as a fresh run does (the policy from ``policy/``), shards or replicates them,
-then loads ``state/`` into them: bit for bit the masters and optimizer states it saved.
+Resume builds the models as a fresh run does (the policy from ``policy/``; with LoRA from the base
+weights, ``reference/`` or the base checkpoint, and a new adapter), shards or replicates them, then loads
+``state/`` into them: bit for bit the masters and optimizer states it saved.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from stepcoder import lora
 from stepcoder.distributed import barrier, unwrap, world
 from stepcoder.models import quiet_transformers, save_critic
 
@@ -59,13 +65,18 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export(model, directory: Path, tokenizer, dtype: torch.dtype) -> None:
-    """A plain transformers directory (weights in `dtype`, the tokenizer): collective, rank 0 writes."""
-    weights = {name: tensor.to(dtype) for name, tensor in full_state_dict(model).items()}
+def export(model, directory: Path, tokenizer, dtype: torch.dtype, merge: bool = True) -> None:
+    """A plain transformers directory (weights in `dtype`, the tokenizer): collective, rank 0 writes. A
+    LoRA model's adapter is merged into the weights (`merge`) or left out (its base weights); with
+    `merge` its adapter is also saved beside, in peft's format, as ``adapter/``."""
+    full = full_state_dict(model)
+    weights = {name: tensor.to(dtype) for name, tensor in lora.plain_weights(unwrap(model), full, merge).items()}
     if world()[0] == 0:
         with quiet_transformers():
-            unwrap(model).save_pretrained(directory, state_dict=weights)
+            lora.language_model(unwrap(model)).save_pretrained(directory, state_dict=weights)
             tokenizer.save_pretrained(directory)
+            if merge and lora.is_adapted(unwrap(model)):
+                unwrap(model).save_pretrained(directory.parent / "adapter", state_dict=full)
         # save_pretrained records the model's (fp32) dtype; a loader would then upcast the bf16 files.
         settings = json.loads((directory / "config.json").read_text())
         settings["dtype"] = str(dtype).removeprefix("torch.")
@@ -78,11 +89,16 @@ def _trained(policy, critic, optimizers) -> list[tuple[str, torch.nn.Module, tor
     return [(name, unwrap(model), optimizer) for (name, model), optimizer in zip(models, optimizers)]
 
 
+# Only what trains: a LoRA run's frozen base weights are the reference's (or the base checkpoint's), not
+# state; loading then leaves them out (strict=False), and `load` checks that nothing else was missing.
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def _training_state(policy, critic, optimizers) -> dict:
     state = {}
     for name, model, optimizer in _trained(policy, critic, optimizers):
-        state[name] = get_model_state_dict(model)
-        state[f"{name}_optimizer"] = get_optimizer_state_dict(model, optimizer)
+        state[name] = get_model_state_dict(model, options=TRAINED_ONLY)
+        state[f"{name}_optimizer"] = get_optimizer_state_dict(model, optimizer, options=TRAINED_ONLY)
     return state
 
 
@@ -103,7 +119,7 @@ def save(output: Path, step: int, models: dict, tokenizer, optimizers, scheduler
     export(models["policy"], staging / "policy", tokenizer, export_dtype)
     if save_reference:
         reference = models["reference"]
-        export(reference, staging / "reference", tokenizer, next(unwrap(reference).parameters()).dtype)
+        export(reference, staging / "reference", tokenizer, next(unwrap(reference).parameters()).dtype, merge=False)
     critic_weights = full_state_dict(models["critic"]) if models["critic"] is not None else None
     if rank == 0:
         if critic_weights is not None:
@@ -134,8 +150,12 @@ def load(checkpoint: Path, policy, critic, optimizers, schedulers, generator: to
     with _one_process_is_fine():
         dcp.load(state, checkpoint_id=checkpoint / "state", no_dist=not dist.is_initialized())
     for name, model, optimizer in _trained(policy, critic, optimizers):
-        set_model_state_dict(model, state[name])
-        set_optimizer_state_dict(model, optimizer, state[f"{name}_optimizer"])
+        missing = set_model_state_dict(model, state[name], options=TRAINED_ONLY).missing_keys
+        frozen = {key for key, parameter in model.named_parameters() if not parameter.requires_grad}
+        trained = [key for key in missing if key not in frozen]
+        if trained:
+            raise ValueError(f"{checkpoint / 'state'}: no {name} weights for {', '.join(trained[:5])}")
+        set_optimizer_state_dict(model, optimizer, state[f"{name}_optimizer"], options=TRAINED_ONLY)
     for scheduler, saved in zip(schedulers, torch.load(checkpoint / "schedulers.pt", weights_only=False)):
         scheduler.load_state_dict(saved)
     saved_rng = torch.load(checkpoint / f"rng_rank{world()[0]}.pt", weights_only=False)

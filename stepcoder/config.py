@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_type_hints
@@ -90,6 +92,16 @@ class TrainConfig:
     fused_lm_head: str = field(default="auto", metadata={"help": "auto: losses from hidden states when the LM "
                                                                   "head is a plain linear map (no logits; not "
                                                                   "under fsdp2); off"})
+    # LoRA (peft): only adapters train; the reference is the base with the adapter off
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: train every weight)"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling numerator (default: 2 x "
+                                                                      "lora_r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "accepted for peft users' scripts and forced to 0: "
+                                                                "PPO needs the sampler and the learner to be one "
+                                                                "function"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "all-linear (every linear layer but "
+                                                                              "the LM head) or module names, "
+                                                                              "comma-separated"})
     # scale: sharding, precision, memory
     strategy: str = field(default="fsdp2", metadata={"help": "under torchrun: fsdp2 (shard policy, critic and "
                                                               "reference) or ddp (replicate them)"})
@@ -150,6 +162,11 @@ SMALL_MODEL_PRESET = {"sft_steps": 1000, "sft_learning_rate": 2e-3, "learning_ra
                       "critic_learning_rate": 1e-3, "total_steps": 60, "max_new_tokens": 96,
                       "cccs_mode": "global", "cccs_threshold": 0.5, "sandbox_timeout": 0.5}
 
+# LoRA trains a few small matrices from zero (B = 0) and, as the usual practice for LoRA, at a higher rate than
+# full fine-tuning; unless --learning_rate / --critic_learning_rate are given, theirs default to this many
+# times the full-weight default.
+LORA_LEARNING_RATE_FACTOR = 10
+
 CHOICES = {"advantage": ESTIMATORS, "kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
            "report_to": ("none", "tensorboard"), "fused_lm_head": ("auto", "off"),
            "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None),
@@ -161,7 +178,7 @@ POSITIVE = ("n_layer", "n_embd", "problems_per_step", "rollouts_per_prompt", "ma
             "forward_batch_size", "critic_learning_rate", "sft_learning_rate", "temperature", "sandbox_timeout",
             "max_grad_norm")
 NON_NEGATIVE = ("total_steps", "sft_steps", "cliprange", "cliprange_value", "kl_coef", "entropy_coef", "seed", "truncation_penalty",
-                "warmup_steps")
+                "warmup_steps", "lora_r", "lora_dropout")
 
 
 class ConfigError(ValueError):
@@ -188,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
             default = f"default: {item.default}"
             if item.name in SMALL_MODEL_PRESET:
                 default += f"; {SMALL_MODEL_PRESET[item.name]} for the small default model"
+            if item.name in ("learning_rate", "critic_learning_rate"):
+                default += f"; {LORA_LEARNING_RATE_FACTOR}x that with --lora_r"
             parser.add_argument(f"--{item.name}", type=str, default=None, metavar=kind.__name__.upper(),
                                 help=f"{help_text} ({default})".strip())
     return parser
@@ -231,8 +250,18 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         flag = getattr(namespace, item.name)
         if flag is not None:
             values[item.name] = _convert(item.name, flag, "--")
+    given = set(values)
     if values.get("model_name_or_path") is None:
         values = {**SMALL_MODEL_PRESET, **values}
+    if values.get("lora_r"):
+        for name in ("learning_rate", "critic_learning_rate"):
+            if name not in given:
+                values[name] = LORA_LEARNING_RATE_FACTOR * values.get(name, getattr(TrainConfig, name))
+        if values.get("lora_dropout"):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"warning: lora_dropout {values['lora_dropout']} is set to 0: PPO's ratio needs the sampler "
+                      "and the learner to be the same function", file=sys.stderr)
+            values["lora_dropout"] = 0.0
     if values.get("kl_in_loss") and "kl_estimator" not in values:
         values["kl_estimator"] = "k3"  # as GRPO: unbiased and non-negative, its gradient well behaved
     if "eval_data" not in values and values.get("data", TrainConfig.data) == "synthetic:train":
@@ -290,6 +319,13 @@ def validate(config: TrainConfig) -> None:
                           f"its prompt's others, so it needs at least 2, got {config.rollouts_per_prompt}")
     if config.advantage != "gae" and config.share_trunk:
         raise ConfigError(f"share_trunk: --advantage {config.advantage} has no critic")
+    if not config.lora_r and (config.lora_alpha is not None or config.lora_target_modules != "all-linear"):
+        raise ConfigError("lora_alpha, lora_target_modules: set without lora_r (LoRA is off at lora_r 0)")
+    if config.lora_alpha is not None and not config.lora_alpha > 0:
+        raise ConfigError(f"lora_alpha: must be positive, got {config.lora_alpha}")
+    if config.lora_r and config.share_trunk:
+        raise ConfigError("share_trunk: with lora_r the critic already shares the policy's base weights (it has "
+                          "an adapter of its own on them)")
     if config.n_embd % 4:
         raise ConfigError(f"n_embd: must be a multiple of 4 (the small model has 4 heads), got {config.n_embd}")
     for name in ("limit", "eval_limit", "eval_every", "sandbox_workers", "cccs_window"):

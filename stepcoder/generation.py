@@ -41,6 +41,9 @@ def sampling_config(model, tokenizer, max_new_tokens: int, temperature: float, t
 def only_these_settings(model, settings) -> Iterator[None]:
     """While generating, the model's own generation_config is `settings`, so nothing of the shipped one
     leaks into sampling (transformers fills a passed config's unset fields from the model's)."""
+    from stepcoder.lora import language_model  # peft and torch: only where a model is
+
+    model = language_model(model)  # a PeftModel reads, but does not set, its base model's attributes
     shipped = model.generation_config
     model.generation_config = settings
     try:

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stepcoder import lora
+
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
 
@@ -158,7 +160,12 @@ class ValueModel(nn.Module):
 
 
 def make_critic(policy: nn.Module, share_trunk: bool) -> ValueModel:
-    trunk = policy.base_model if share_trunk else copy.deepcopy(policy.base_model)
+    """A value head on the policy's trunk (`share_trunk`), on a copy of it, or, for a LoRA policy, on a
+    trunk with an adapter of its own over the policy's base tensors (``stepcoder.lora.critic_trunk``)."""
+    if lora.is_adapted(policy):
+        trunk = lora.critic_trunk(policy)
+    else:
+        trunk = policy.base_model if share_trunk else copy.deepcopy(policy.base_model)
     return ValueModel(trunk, policy.config.hidden_size)
 
 
@@ -169,6 +176,7 @@ def save_critic(critic: ValueModel, directory: Path, share_trunk: bool, tokenize
     weights are given whole (gathered from the shards)."""
     directory.mkdir(parents=True, exist_ok=True)
     if not share_trunk:
-        critic.trunk.save_pretrained(directory, state_dict=trunk_weights)
+        lora.language_model(critic.trunk).save_pretrained(
+            directory, state_dict=lora.plain_weights(critic.trunk, trunk_weights, merge=True))
         tokenizer.save_pretrained(directory)
     torch.save(head_weights, directory / "value_head.pt")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stepcoder import checkpoint, kernels
+from stepcoder import checkpoint, kernels, lora
 from stepcoder.advantages import gae_advantages, group_advantages
 from stepcoder.cccs import Curriculum, prefixes, reach_warning
 from stepcoder.config import ConfigError, TrainConfig, parse_config, to_json
@@ -228,7 +228,7 @@ def response_hidden(model, batch: Batch, rows) -> torch.Tensor:
     width = batch.responses.shape[1]
     attention = batch.attention_mask[rows]
     captured = []
-    hook = unwrap(model).base_model.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    hook = lora.trunk(unwrap(model)).register_forward_hook(lambda module, args, output: captured.append(output[0]))
     try:
         model(input_ids=batch.input_ids[rows], attention_mask=attention, position_ids=position_ids(attention),
               logits_to_keep=1, use_cache=False)
@@ -262,6 +262,12 @@ def response_logprobs(model, batch: Batch, rows, config: TrainConfig) -> torch.T
                                    config.temperature).view(labels.shape)
 
 
+def reference_logprobs(reference, batch: Batch, rows, config: TrainConfig) -> torch.Tensor:
+    """The reference's log-probs; a LoRA run's reference is its policy with the adapter switched off."""
+    with lora.adapter_disabled(unwrap(reference)):
+        return response_logprobs(reference, batch, rows, config)
+
+
 def response_values(critic, batch: Batch, rows) -> torch.Tensor:
     """V of the state before each response token: [n, R]."""
     width = batch.responses.shape[1]
@@ -279,7 +285,7 @@ def score_rollouts(policy, reference, critic, batch: Batch, config: TrainConfig)
     with compute(config, batch.input_ids.device):
         old_logp = torch.cat([response_logprobs(policy, batch, rows, config) for rows in chunks])
         ref_logp = None if reference is None else \
-            torch.cat([response_logprobs(reference, batch, rows, config) for rows in chunks])
+            torch.cat([reference_logprobs(reference, batch, rows, config) for rows in chunks])
         values = None if critic is None else \
             torch.cat([response_values(critic, batch, rows) for rows in chunks]) * batch.action_mask
     kl = torch.zeros_like(old_logp) if ref_logp is None else \
@@ -332,7 +338,8 @@ def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, confi
                                  experience["advantages"][micro], batch.policy_mask[micro])
                     if head is not None:
                         loss, stats = kernels.ppo_policy_loss_from_hidden(response_hidden(policy, batch, micro), head,
-                                                                          *per_token, **options)
+                                                                          *per_token, weight_grad=head.requires_grad,
+                                                                          **options)
                     else:
                         loss, stats = kernels.ppo_policy_loss(response_logits(policy, batch, micro), *per_token,
                                                               **options)
@@ -664,18 +671,22 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
     in fp32 (the optimizer's master weights, whatever dtype the checkpoint is stored in, which is
     `export_dtype`); the frozen reference in the compute dtype. The reference is the starting policy:
     saved when it is not the base checkpoint as loaded (a warm-up changed it, or the model was built
-    here), otherwise rebuilt on resume from the base checkpoint by the same deterministic steps."""
+    here), otherwise rebuilt on resume from the base checkpoint by the same deterministic steps.
+    With LoRA (lora_r) the policy is those base weights, frozen in the compute dtype, with an adapter
+    on them, and the reference is the policy itself (``reference_logprobs`` switches the adapter off)."""
     fresh = config.model_name_or_path is None
+    adapted = config.lora_r > 0
     dtype = compute_dtype(config.precision, torch.device(device))
     export_dtype = torch.float32 if fresh else checkpoint_dtype(config.model_name_or_path)
     keep_reference = config.kl_coef > 0  # beta = 0: no reference model at all
     reference = None
     if resume_from is not None:
-        policy, tokenizer = load_model(str(resume_from / "policy"), dtype=torch.float32)  # weights: from state/
         saved = resume_from / "reference"
-        if keep_reference:
-            reference = load_reference(str(saved if saved.exists() else config.model_name_or_path), tokenizer,
-                                       dtype=torch.float32)
+        base = str(saved if saved.exists() else config.model_name_or_path)
+        # the trained weights come from state/; a LoRA run's adapter from there too, on its base weights
+        policy, tokenizer = load_model(base if adapted else str(resume_from / "policy"), dtype=torch.float32)
+        if keep_reference and not adapted:
+            reference = load_reference(base, tokenizer, dtype=torch.float32)
     else:
         if fresh:
             tokenizer = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
@@ -687,14 +698,19 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
             loss = supervised_warmup(policy, tokenizer, problems, stages, config, device)
             if world()[0] == 0:
                 print(f"supervised warm-up: {config.sft_steps} steps, final loss {loss:.3f}")
-        reference = copy.deepcopy(policy) if keep_reference else None
+        reference = copy.deepcopy(policy) if keep_reference and not adapted else None
     policy = without_dropout(policy).to(device)
     if reference is not None:
         reference = without_dropout(reference).to(device=device, dtype=dtype).eval()
         reference.requires_grad_(False)
     if config.gradient_checkpointing:
         checkpoint_activations(policy)
-    return policy, reference, tokenizer, keep_reference and (fresh or config.sft_steps > 0), export_dtype
+    if adapted:
+        policy = lora.attach(policy, config.lora_r, config.lora_alpha, config.lora_target_modules, dtype)
+        reference = policy if keep_reference else None
+    # a LoRA run saves its base weights whenever they are not the base checkpoint: resuming needs them
+    save_reference = (keep_reference or adapted) and (fresh or config.sft_steps > 0)
+    return policy, reference, tokenizer, save_reference, export_dtype
 
 
 def wrap_models(policy, critic, reference, config: TrainConfig, device) -> tuple:
@@ -708,7 +724,7 @@ def wrap_models(policy, critic, reference, config: TrainConfig, device) -> tuple
     shard(policy, dtype, device)
     if critic is not None:
         shard(critic, dtype, device, trunk=critic.trunk)
-    if reference is not None:
+    if reference is not None and reference is not policy:  # LoRA: the reference is the policy, sharded above
         shard(reference, dtype, device, offload=config.reference_offload)
     return policy, critic
 
@@ -741,6 +757,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if world_size > 1 and config.share_trunk:
         sys.exit("error: share_trunk: a shared trunk is for single-process runs (under torchrun the critic "
                  "keeps its own trunk)")
+    if world_size > 1 and config.lora_r and config.advantage == "gae" and config.strategy == "fsdp2":
+        sys.exit("error: lora_r: with --advantage gae the critic's adapter sits on the policy's base tensors, "
+                 "which FSDP2 cannot shard twice; use --advantage grpo or rloo (no critic), or --strategy ddp")
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -776,10 +795,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if config.gradient_checkpointing and not config.share_trunk:
             checkpoint_activations(critic.trunk)
     train_policy, train_critic = wrap_models(policy, critic, reference, config, device)
-    optimizers = [torch.optim.AdamW(train_policy.parameters(), lr=config.learning_rate, betas=(0.9, 0.95),
-                                    weight_decay=0.0)]
+    trained = [p for p in train_policy.parameters() if p.requires_grad]  # with LoRA: the adapter
+    optimizers = [torch.optim.AdamW(trained, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)]
     if critic is not None:
-        critic_parameters = list(critic.head.parameters()) if config.share_trunk else list(train_critic.parameters())
+        critic_parameters = list(critic.head.parameters()) if config.share_trunk else \
+            [p for p in train_critic.parameters() if p.requires_grad]
         optimizers.append(torch.optim.AdamW(critic_parameters, lr=config.critic_learning_rate, betas=(0.9, 0.95),
                                             weight_decay=0.0))
     schedule = functools.partial(learning_rate_factor, total_steps=config.total_steps,
@@ -796,7 +816,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logger = Logger(config, resumed_at=trainer_state["step"] if resume_from is not None else None)
 
     def save_checkpoint(step: int) -> None:  # the trainer state as it is when called
-        checkpoint.save(output, step, {"policy": train_policy, "critic": train_critic, "reference": reference},
+        base = train_policy if config.lora_r else reference  # a LoRA run's base: its policy without the adapter
+        checkpoint.save(output, step, {"policy": train_policy, "critic": train_critic, "reference": base},
                         tokenizer, optimizers, schedulers, curriculum, trainer_state, to_json(config), generator,
                         export_dtype, save_reference, config.share_trunk, config.save_total_limit)
 

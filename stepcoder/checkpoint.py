@@ -94,10 +94,17 @@ def _trained(policy, critic, optimizers) -> list[tuple[str, torch.nn.Module, tor
 TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
+def _frozen(model) -> set[str]:
+    """Names of the frozen parameters, tied aliases included (a tied LM head is its embedding's alias)."""
+    return {name for name, parameter in model.named_parameters(remove_duplicate=False) if not parameter.requires_grad}
+
+
 def _training_state(policy, critic, optimizers) -> dict:
     state = {}
     for name, model, optimizer in _trained(policy, critic, optimizers):
-        state[name] = get_model_state_dict(model, options=TRAINED_ONLY)
+        frozen = _frozen(model)  # ignore_frozen_params misses the aliases
+        state[name] = {key: value for key, value in get_model_state_dict(model, options=TRAINED_ONLY).items()
+                       if key not in frozen}
         state[f"{name}_optimizer"] = get_optimizer_state_dict(model, optimizer, options=TRAINED_ONLY)
     return state
 
@@ -151,8 +158,7 @@ def load(checkpoint: Path, policy, critic, optimizers, schedulers, generator: to
         dcp.load(state, checkpoint_id=checkpoint / "state", no_dist=not dist.is_initialized())
     for name, model, optimizer in _trained(policy, critic, optimizers):
         missing = set_model_state_dict(model, state[name], options=TRAINED_ONLY).missing_keys
-        frozen = {key for key, parameter in model.named_parameters() if not parameter.requires_grad}
-        trained = [key for key in missing if key not in frozen]
+        trained = [key for key in missing if key not in _frozen(model)]
         if trained:
             raise ValueError(f"{checkpoint / 'state'}: no {name} weights for {', '.join(trained[:5])}")
         set_optimizer_state_dict(model, optimizer, state[f"{name}_optimizer"], options=TRAINED_ONLY)

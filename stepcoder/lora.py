@@ -55,11 +55,15 @@ def attach(policy: nn.Module, r: int, alpha: float | None, targets: str, dtype: 
     would be 27 GB) with an fp32 adapter on it."""
     policy.requires_grad_(False).to(dtype)
     try:
-        with warnings.catch_warnings():  # peft asks transformers in a way transformers 5 deprecates
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-            return get_peft_model(policy, settings(policy, r, alpha, targets, "CAUSAL_LM"))
+        return _adapted(policy, settings(policy, r, alpha, targets, "CAUSAL_LM"))
     except ValueError as error:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"lora_target_modules: {targets!r}: {error}") from None
+
+
+def _adapted(model: nn.Module, lora_settings: LoraConfig) -> PeftModel:
+    with warnings.catch_warnings():  # peft asks transformers in a way transformers 5 deprecates
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        return get_peft_model(model, lora_settings)
 
 
 def critic_trunk(policy: PeftModel) -> PeftModel:
@@ -73,7 +77,7 @@ def critic_trunk(policy: PeftModel) -> PeftModel:
     copied = copy.deepcopy(body, shared)
     policy_settings = policy.peft_config[ADAPTER]  # its targets resolved to names within the whole model
     targets = sorted({name.rsplit(".", 1)[-1] for name in policy_settings.target_modules})
-    return get_peft_model(copied, dataclasses.replace(policy_settings, target_modules=targets, task_type=None))
+    return _adapted(copied, dataclasses.replace(policy_settings, target_modules=targets, task_type=None))
 
 
 @contextlib.contextmanager
@@ -105,19 +109,19 @@ def plain_weights(model: nn.Module, state: dict[str, torch.Tensor], merge: bool)
     return weights
 
 
-def adapter_numel(model: nn.Module, r: int, targets: str) -> int:
-    """Elements of the adapter peft puts on `model` (r x (in + out) per adapted layer), counted on the bare
-    architecture (meta tensors are fine): the planner's figure."""
+def adapter_shapes(model: nn.Module, r: int, targets: str) -> list[tuple[int, int]]:
+    """The shapes of the adapter peft puts on `model` (A: r x in, B: out x r per adapted layer), read off
+    the bare architecture (meta tensors are fine): the planner's figures."""
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = None if targets == "all-linear" else {name.strip() for name in targets.split(",")}
-    total = 0
+    shapes = []
     for name, module in model.named_modules():
         if module is head or not isinstance(module, (nn.Linear, Conv1D)):
             continue
         if names is not None and name.rsplit(".", 1)[-1] not in names:
             continue
-        rows, columns = module.weight.shape
-        total += r * (rows + columns)
-    return total
+        out, inp = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
+        shapes += [(r, inp), (out, r)]
+    return shapes

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stepcoder import lora
 from stepcoder.config import ConfigError, TrainConfig, build_parser, parse_config
 from stepcoder.distributed import compute_dtype, transformer_blocks
 
@@ -75,13 +76,23 @@ def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = Tru
     share = ranks if sharded else 1
     compute = compute_dtype(config.precision, torch.device("cuda" if on_gpu else "cpu")).itemsize
     lines = []
+    adapted = config.lora_r > 0
     trained = [("policy", policy)] + ([("critic", critic)] if config.advantage == "gae" else [])  # grpo, rloo: none
     for name, model in trained:
         local = held(model, share)
+        if adapted:  # the adapter (and the critic's value head) train; the base weights are one frozen copy
+            body = model.trunk if name == "critic" else model
+            shapes = lora.adapter_shapes(body, config.lora_r, config.lora_target_modules)
+            shapes += [(1, settings.hidden_size), (1,)] if name == "critic" else []  # the value head
+            local = sum(shard_numel(torch.empty(shape, device="meta"), share) for shape in shapes)
+            name += " adapter"
         lines += [Line("static", f"{name} weights (fp32 masters)", 4 * local, True),
                   Line("static", f"{name} gradients (fp32)", 4 * local, True),
                   Line("static", f"{name} optimizer states (AdamW m, v: fp32)", 8 * local, True)]
-    if config.kl_coef > 0:  # beta = 0: no reference model
+    if adapted:
+        lines.append(Line("static", "base weights (frozen, compute dtype; the reference and the critic's too)",
+                          compute * held(policy, share), True))
+    elif config.kl_coef > 0:  # beta = 0: no reference model
         reference = 0 if config.reference_offload and sharded else compute * held(policy, share)
         lines.append(Line("static", "reference weights" + (" (CPU-offloaded)" if reference == 0 else ""), reference,
                           True))
@@ -100,7 +111,7 @@ def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = Tru
     # Generation: the policy unsharded once per generate call (or autocast's bf16 copies), and the KV cache.
     if sharded:
         lines.append(Line("generation", "policy weights unsharded for generate", compute * total, True))
-    elif compute < 4:
+    elif compute < 4 and not adapted:  # LoRA: the base weights are held in the compute dtype already
         lines.append(Line("generation", "bf16 copies of the weights (autocast)", compute * total, False))
     kv = 2 * layers * config.generation_batch_size * sequence * kv_width * head_dim * compute
     lines.append(Line("generation", f"KV cache ({config.generation_batch_size} sequences x {sequence} tokens)", kv, True))

@@ -484,13 +484,15 @@ class Logger:
                     self.board.add_scalar(name, value, row["step"])
 
     def samples(self, step: int, samples: list[Sample]) -> None:
+        """Every rank's rollouts of the step, in order, with the rank that made them (collective)."""
+        rows = all_gather([{"step": step, "task_id": sample.problem.id, "stage": sample.stage, "prefix": sample.prefix,
+                            "completion": sample.completion, "verdict": sample.verdict} for sample in samples])
         if not self.enabled:
             return
         with open(self.output / "samples.jsonl", "a") as f:
-            for sample in samples:
-                f.write(json.dumps({"step": step, "task_id": sample.problem.id, "stage": sample.stage,
-                                    "prefix": sample.prefix, "completion": sample.completion,
-                                    "verdict": sample.verdict}) + "\n")
+            for rank, ranks_rows in enumerate(rows):
+                for row in ranks_rows:
+                    f.write(json.dumps({**row, "rank": rank}) + "\n")
 
 
 def step_metrics(step: int, samples: list[Sample], batch: Batch, experience: dict, update: dict,

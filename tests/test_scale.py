@@ -207,3 +207,29 @@ def test_gradient_checkpointing_gives_the_same_update(precision, monkeypatch):
         train.ppo_update(policy, critic, optimizers, batch, experience, config, torch.Generator().manual_seed(0))
         results.append(torch.cat([p.detach().flatten() for p in [*policy.parameters(), *critic.parameters()]]))
     assert relative(results[1], results[0]) < (1e-6 if precision == "fp32" else 1e-3)
+
+
+def test_critic_free_groups_stay_whole_over_two_processes_with_a_lora_policy(tmp_path):
+    """GRPO with 3 rollouts per prompt generated 4 at a time, over 2 processes (FSDP2, a LoRA policy): each
+    rank's rollouts come in whole groups of one problem, no problem is split across ranks, the run (whose
+    group check runs on every rank, every step) finishes, and its merged policy/ scores tokens as the base
+    (reference/) with the adapter (adapter/, loaded by peft)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    launch("-m", "stepcoder.train", *TINY, "--advantage", "grpo", "--rollouts_per_prompt", "3", "--lora_r", "4",
+           "--total_steps", "2", "--output_dir", str(tmp_path / "run"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    for step in (1, 2):
+        ranks = [[row["task_id"] for row in rows if row["step"] == step and row["rank"] == rank] for rank in (0, 1)]
+        for problems in ranks:
+            assert len(problems) == 2 * 3
+            assert all(len(set(problems[start:start + 3])) == 1 for start in range(0, 6, 3)), problems
+        assert not set(ranks[0]) & set(ranks[1])
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    ids = torch.tensor([[5, 17, 99, 3, 250, 8, 61]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(checkpoint / "policy")(ids).logits.log_softmax(-1)
+        base = AutoModelForCausalLM.from_pretrained(checkpoint / "reference")
+        adapted = PeftModel.from_pretrained(base, checkpoint / "adapter")(ids).logits.log_softmax(-1)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)

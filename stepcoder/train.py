@@ -723,7 +723,9 @@ def wrap_models(policy, critic, reference, config: TrainConfig, device) -> tuple
     if config.strategy == "ddp":
         return replicate(policy, device), None if critic is None else replicate(critic, device)
     dtype = compute_dtype(config.precision, device)
-    shard(policy, dtype, device)
+    # a LoRA policy's root unit is the transformers model inside the peft wrapper: generate() runs that
+    # model's forward, never the wrapper's, and FSDP2 needs its root's forward to run first
+    shard(lora.language_model(policy), dtype, device)
     if critic is not None:
         shard(critic, dtype, device, trunk=critic.trunk)
     if reference is not None and reference is not policy:  # LoRA: the reference is the policy, sharded above

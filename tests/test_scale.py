@@ -218,7 +218,7 @@ def test_critic_free_groups_stay_whole_over_two_processes_with_a_lora_policy(tmp
     from transformers import AutoModelForCausalLM
 
     launch("-m", "stepcoder.train", *TINY, "--advantage", "grpo", "--rollouts_per_prompt", "3", "--lora_r", "4",
-           "--total_steps", "2", "--output_dir", str(tmp_path / "run"))
+           "--entropy_coef", "0.01", "--warmup_steps", "0", "--total_steps", "2", "--output_dir", str(tmp_path / "run"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     for step in (1, 2):
         ranks = [[row["task_id"] for row in rows if row["step"] == step and row["rank"] == rank] for rank in (0, 1)]
@@ -231,5 +231,7 @@ def test_critic_free_groups_stay_whole_over_two_processes_with_a_lora_policy(tmp
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(checkpoint / "policy")(ids).logits.log_softmax(-1)
         base = AutoModelForCausalLM.from_pretrained(checkpoint / "reference")
-        adapted = PeftModel.from_pretrained(base, checkpoint / "adapter")(ids).logits.log_softmax(-1)
+        unadapted = base(ids).logits.log_softmax(-1)
+        adapted = PeftModel.from_pretrained(base, checkpoint / "adapter")(ids).logits.log_softmax(-1)  # in place
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+    assert (merged - unadapted).abs().max() > 1e-4  # the adapter trained (the entropy bonus moves it)

@@ -2,7 +2,6 @@
 groups that stay whole, and runs that build no critic (and, at kl_coef 0, no reference)."""
 from __future__ import annotations
 
-import gc
 import json
 import random
 import statistics
@@ -70,24 +69,16 @@ def test_groups_that_mix_prompts_or_do_not_divide_are_refused():
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
-def test_a_critic_free_run_builds_no_value_model(tmp_path, monkeypatch, estimator):
+def test_a_critic_free_run_builds_no_value_model(tmp_path, monkeypatch, wrapped, estimator):
     """3 rollouts per prompt in generation batches of 4: groups straddle batches, and the run's own group
     check (which raises on a mixed group) passes every step. No critic is built or saved; at kl_coef 0 no
     reference either: one model in memory."""
-    built = {}
-    original = train.wrap_models
-
-    def spy(policy, critic, reference, config, device):
-        models = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module) and hasattr(o, "generate")]
-        built.update(critic=critic, reference=reference, models=len(models))
-        return original(policy, critic, reference, config, device)
-
-    monkeypatch.setattr(train, "wrap_models", spy)
+    built = wrapped
     monkeypatch.setattr(train, "make_critic", lambda *args: pytest.fail("a critic was built"))
     history = train.main([*TINY, "--output_dir", str(tmp_path / "run"), "--advantage", estimator,
                           "--rollouts_per_prompt", "3", "--generation_batch_size", "4", "--total_steps", "2",
                           "--kl_coef", "0"])
-    assert built["critic"] is None and built["reference"] is None and built["models"] == 1
+    assert built["critic"] is None and built["reference"] is None and built["live_models"] == 1
     assert len(history) == 2 and "value_loss" not in history[0]
     saved = tmp_path / "run" / "checkpoint-2"
     assert (saved / "policy").is_dir() and not (saved / "critic").exists() and not (saved / "reference").exists()
@@ -97,15 +88,8 @@ def test_a_critic_free_run_builds_no_value_model(tmp_path, monkeypatch, estimato
         assert len(ids) == 12 and all(len(set(ids[i:i + 3])) == 1 for i in range(0, 12, 3))
 
 
-def test_kl_in_the_loss_keeps_a_reference_and_no_critic(tmp_path, monkeypatch):
-    built = {}
-    original = train.wrap_models
-
-    def spy(policy, critic, reference, config, device):
-        built.update(critic=critic, reference=reference, config=config)
-        return original(policy, critic, reference, config, device)
-
-    monkeypatch.setattr(train, "wrap_models", spy)
+def test_kl_in_the_loss_keeps_a_reference_and_no_critic(tmp_path, wrapped):
+    built = wrapped
     history = train.main([*TINY, "--output_dir", str(tmp_path / "run"), "--advantage", "grpo", "--kl_in_loss",
                           "--kl_coef", "0.1", "--rollouts_per_prompt", "2", "--total_steps", "1"])
     assert built["critic"] is None and built["reference"] is not None

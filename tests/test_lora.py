@@ -103,18 +103,11 @@ def full_size_copies(models: list[torch.nn.Module], base: torch.nn.Module) -> in
 
 
 @pytest.mark.parametrize("advantage, rank", [("gae", "4"), ("grpo", "4"), ("gae", "0")])
-def test_a_lora_run_trains_only_adapters_on_one_copy_of_the_weights(base, tmp_path, monkeypatch, advantage, rank):
+def test_a_lora_run_trains_only_adapters_on_one_copy_of_the_weights(base, tmp_path, wrapped, advantage, rank):
     """After two steps every base tensor of policy, reference and critic is the saved base to the bit, the
     adapters (and value head) moved, and the full-size weights exist once; the same count without LoRA
     (rank 0) is three copies, so the count can fail. state/ holds the adapters, not the base."""
-    held = {}
-    original = train.wrap_models
-
-    def spy(policy, critic, reference, config, device):
-        held.update(policy=policy, critic=critic, reference=reference)
-        return original(policy, critic, reference, config, device)
-
-    monkeypatch.setattr(train, "wrap_models", spy)
+    held = wrapped
     output = tmp_path / "run"
     # an untrained base fails every program alike, so GRPO's advantages are 0: the entropy bonus moves it
     argv = ["--model_name_or_path", str(base), *TINY, "--advantage", advantage, "--total_steps", "2",

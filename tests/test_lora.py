@@ -194,3 +194,19 @@ def test_the_planner_counts_the_adapter_peft_builds(base):
     critic = 4 * (sum(a * b for a, b in lora.adapter_shapes(planned.transformer, 4, "all-linear")) + 64 + 1)
     assert low_rank["critic adapter weights (fp32 masters)"] == critic
     assert low_rank["critic adapter optimizer states (AdamW m, v: fp32)"] == 2 * critic
+
+
+def test_lora_learning_rates_default_to_the_measured_ones_unless_given(base):
+    """A given rate is kept; otherwise LoRA gets 10x the full-weight default on a real model and the rate
+    measured on the small default model (5e-4 for its policy, 10x for its critic)."""
+    def rates(*flags):
+        config = parse_config(["--output_dir", "unused", *flags])
+        return config.learning_rate, config.critic_learning_rate
+
+    real = ("--model_name_or_path", str(base))
+    assert rates(*real) == (1e-5, 5e-5)
+    assert rates(*real, "--lora_r", "8") == pytest.approx((1e-4, 5e-4))
+    assert rates() == (1e-4, 1e-3)
+    assert rates("--lora_r", "16") == pytest.approx((5e-4, 1e-2))
+    assert rates("--lora_r", "16", "--learning_rate", "2e-3", "--critic_learning_rate", "3e-3") == (2e-3, 3e-3)
+    assert rates(*real, "--lora_r", "8", "--learning_rate", "2e-5") == pytest.approx((2e-5, 5e-4))

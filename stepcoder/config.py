@@ -263,10 +263,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         values = {**SMALL_MODEL_PRESET, **values}
     if values.get("lora_r"):
         for name in ("learning_rate", "critic_learning_rate"):
-            if name not in given:
-                values[name] = LORA_LEARNING_RATE_FACTOR * values.get(name, getattr(TrainConfig, name))
-                if small_model and name in SMALL_MODEL_LORA_PRESET:
-                    values[name] = SMALL_MODEL_LORA_PRESET[name]
+            if name in given:
+                continue
+            measured = SMALL_MODEL_LORA_PRESET.get(name) if small_model else None
+            values[name] = measured or LORA_LEARNING_RATE_FACTOR * values.get(name, getattr(TrainConfig, name))
         if values.get("lora_dropout"):
             if os.environ.get("RANK", "0") == "0":
                 print(f"warning: lora_dropout {values['lora_dropout']} is set to 0: PPO's ratio needs the sampler "

@@ -38,15 +38,20 @@ def trunk(model: nn.Module) -> nn.Module:
     return language_model(model).base_model
 
 
+def _target_names(targets: str) -> list[str] | None:
+    """--lora_target_modules as module names; None for "all-linear" (peft resolves it)."""
+    return None if targets == "all-linear" else [name.strip() for name in targets.split(",") if name.strip()]
+
+
 def settings(model: nn.Module, r: int, alpha: float | None, targets: str, task_type: str | None) -> LoraConfig:
     """LoRA on `targets` ("all-linear": every linear layer but the output head, peft's and QLoRA's choice;
     or a comma-separated list of module names), alpha 2r unless given, no dropout: PPO's ratio needs the
     sampler and the learner to be the same function."""
     from transformers.pytorch_utils import Conv1D
 
-    modules = targets if targets == "all-linear" else [name.strip() for name in targets.split(",") if name.strip()]
+    names = _target_names(targets)
     return LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=0.0,
-                      target_modules=modules, task_type=task_type,
+                      target_modules=targets if names is None else names, task_type=task_type,
                       fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()))  # GPT-2's layers
 
 
@@ -115,7 +120,7 @@ def adapter_shapes(model: nn.Module, r: int, targets: str) -> list[tuple[int, in
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = None if targets == "all-linear" else {name.strip() for name in targets.split(",")}
+    names = _target_names(targets)
     shapes = []
     for name, module in model.named_modules():
         if module is head or not isinstance(module, (nn.Linear, Conv1D)):

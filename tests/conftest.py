@@ -68,7 +68,6 @@ def settled(pid: int, seconds: float = 5.0) -> bool:
         time.sleep(0.01)
 
 
-
 @pytest.fixture
 def wrapped(monkeypatch) -> dict:
     """What the trainer hands to ``train.wrap_models`` as a run starts: policy, critic, reference, config,

@@ -155,6 +155,7 @@ def test_kill_and_resume_is_exact_and_the_merged_export_scores_as_the_adapted_mo
     straight = run("straight")
     run("resumed", "--stop_after_steps", "2")
     resumed = run("resumed", "--resume_from_checkpoint", "latest")
+
     def untimed(rows):
         return [{k: v for k, v in row.items() if not k.startswith("time_")} for row in rows]
 

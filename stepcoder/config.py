@@ -129,7 +129,7 @@ class TrainConfig:
     # sandbox
     sandbox_workers: int | None = field(default=None, metadata={"help": "sandbox processes per rank (default: "
                                                                          "this rank's share of the CPUs, less one "
-                                                                         "left to the trainer)"})
+                                                                         "left to the trainer from 4 up)"})
     sandbox_timeout: float = field(default=2.0, metadata={"help": "CPU seconds per test (all threads): the limit "
                                                                   "programs are judged by, however busy the "
                                                                   "machine"})
@@ -151,16 +151,24 @@ class TrainConfig:
 
 # With no --model_name_or_path the trainer builds a small model from scratch (the embedded default run);
 # these values suit it and apply unless a flag or the config file sets them. Real models keep the
-# conservative defaults above (see README for APPS+ on GPUs). The curriculum is global: with 1000 training
-# problems a per-problem window of 8 rollouts never fills (8 problems x 4 rollouts per step), so every
-# problem stayed at its first stage and held-out pass@1 of full programs fell (-2.0 points after 80 steps)
-# where the arms that train on full programs gained (+5.6); one stage for all advances when a step's 32
-# rollouts (the default window in global mode) pass at 0.5. 60 PPO steps: in the ablation's 12 runs the
-# held-out gain was reached by step 40 and did not grow after (benchmarks/RESULTS.md). `--help` and the
-# README list these values.
+# conservative defaults above (see README for APPS+ on GPUs). Each was measured (benchmarks/RESULTS.md):
+# - the curriculum is global: with 1000 training problems a per-problem window never fills, and training
+#   stuck at the first CCCS stage did not carry over to full programs;
+# - GRPO with 8 rollouts of 8 problems per step: GAE's held-out gain was +1.0 and -0.6 points on two
+#   seeds where GRPO 8 x 8 gave +2.7 and +0.6 (80 steps; 3e-4 and 1e-3 degraded both estimators);
+# - kl_coef 0 (no reference forward): the per-token KL stayed near 1e-4, and the run without it gained
+#   +3.5 / +2.6 / +2.3 at steps 40 / 80 / 120 where the same seed with 0.01 gained +0.1 / +0.6 / +1.8;
+# - 80 steps, which with the 1000-step warm-up and two greedy evaluations of 1600 problems keeps the run
+#   under 10 minutes on 2 cores; one generate call per step (64 rollouts);
+# - greedy evaluation, one sample per problem: a quarter of the programs 4 samples at T = 0.2 judged, for
+#   an interval on the difference of about +-1.6 points instead of +-1.4.
+# `--help` and the README list these values.
 SMALL_MODEL_PRESET = {"sft_steps": 1000, "sft_learning_rate": 2e-3, "learning_rate": 1e-4,
-                      "critic_learning_rate": 1e-3, "total_steps": 60, "max_new_tokens": 96,
-                      "cccs_mode": "global", "cccs_threshold": 0.5, "sandbox_timeout": 0.5}
+                      "critic_learning_rate": 1e-3, "total_steps": 80, "max_new_tokens": 96,
+                      "cccs_mode": "global", "cccs_threshold": 0.5, "sandbox_timeout": 0.5,
+                      "advantage": "grpo", "kl_coef": 0.0, "problems_per_step": 8, "rollouts_per_prompt": 8,
+                      "generation_batch_size": 64, "forward_batch_size": 64,
+                      "eval_samples": 1, "eval_temperature": 0.0}
 
 # LoRA trains a few small matrices from zero (B = 0) and, as the usual practice for LoRA, at a higher rate than
 # full fine-tuning; unless --learning_rate / --critic_learning_rate are given, theirs default to this many

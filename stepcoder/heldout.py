@@ -122,12 +122,16 @@ def describe(comparison: dict, data: str, temperature: float) -> str:
     before, after = comparison["before"], comparison["after"]
     low, high = comparison["difference_ci95"]
     verdict = "excludes 0" if low > 0 or high < 0 else "includes 0"
-    return (f"held-out pass@1 on {data} ({comparison['problems']} problems x {comparison['samples']} samples, "
-            f"T={temperature}):\n"
-            f"  step {before['step']} {pct(before['pass@1'])} [{pct(before['ci95'][0])}, {pct(before['ci95'][1])}]"
-            f" -> step {after['step']} {pct(after['pass@1'])} [{pct(after['ci95'][0])}, {pct(after['ci95'][1])}];"
-            f" difference {100 * comparison['difference']:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]"
-            f" (95% CI, {verdict})")
+    lines = (f"held-out pass@1 on {data} ({comparison['problems']} problems x {comparison['samples']} samples, "
+             f"T={temperature}):\n"
+             f"  step {before['step']} {pct(before['pass@1'])} [{pct(before['ci95'][0])}, {pct(before['ci95'][1])}]"
+             f" -> step {after['step']} {pct(after['pass@1'])} [{pct(after['ci95'][0])}, {pct(after['ci95'][1])}];"
+             f" difference {100 * comparison['difference']:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]"
+             f" (95% CI, {verdict})")
+    if verdict == "includes 0":
+        lines += ("\n  The interval includes 0: this evaluation cannot tell the change from chance; train longer "
+                  "(--total_steps) or evaluate more problems (--eval_limit, --eval_data) to narrow it.")
+    return lines
 
 
 def plot_curve(rows: Sequence[dict], path: Path, title: str = "held-out pass@1") -> None:

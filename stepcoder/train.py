@@ -414,9 +414,12 @@ def supervised_warmup(policy, tokenizer, problems: list[Problem], stages: dict[s
             attention[row, width - len(sequence):] = 1
         ids, labels, attention = ids.to(device), labels.to(device), attention.to(device)
         with compute(config, device):
+            # targets are right-aligned: logits only where they are predicted (the prompt needs none),
+            # [B, T + 1] positions for [B, T] labels, as a causal LM's output
+            keep = max(len(target) for _, target in chosen)
             logits = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention),
-                            use_cache=False).logits
-            targets = labels[:, 1:]  # position t predicts token t + 1; [B, W] logits with [B, W - 1] labels
+                            logits_to_keep=keep + 1, use_cache=False).logits
+            targets = labels[:, -keep:]
             kept = targets != -100
             logp = kernels.logprobs_from_logits(logits, targets.clamp(min=0))
             loss = -(logp * kept).sum() / kept.sum()
@@ -616,13 +619,16 @@ def report_evaluations(logger: Logger, config: TrainConfig) -> None:
 
 
 def sandbox_workers(config: TrainConfig) -> int:
-    """--sandbox_workers, or this rank's share of the CPUs it may run on less one left to the trainer.
-    Verdicts are by CPU time, so a crowded machine no longer fails correct programs, but it would still
-    slow generation and every other rank's pool."""
+    """--sandbox_workers, or this rank's share of the CPUs it may run on, less one left to the trainer when
+    the share is 4 or more. The trainer's thread keeps a GPU fed while the previous batch is judged, but
+    after its last batch it only waits for verdicts: on 2 or 3 CPUs a CPU held back for it would idle
+    through that wait, a third to a half of the pool (on 2 CPUs one worker judged a step's 64 rollouts
+    in 2x the time two did). Verdicts are by CPU time, so sharing a CPU with the trainer changes none."""
     if config.sandbox_workers is not None:
         return config.sandbox_workers
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, len(os.sched_getaffinity(0)) // local_ranks - 1)
+    share = max(1, len(os.sched_getaffinity(0)) // local_ranks)
+    return share - 1 if share >= 4 else share
 
 
 def make_curriculum(stages: dict[str, list[str]], config: TrainConfig) -> Curriculum:
@@ -667,6 +673,16 @@ def cccs_stages(problems: list[Problem], config: TrainConfig) -> dict[str, list[
     return stages
 
 
+def tokenizer_corpus(problems: list[Problem]) -> list[str]:
+    """The texts the small default tokenizer is trained on: what the model reads and writes (the plain
+    prompt, each canonical solution, the closing fence). Trained on questions and solutions alone, the
+    fence was three one-backtick tokens; the 2-layer model often wrote two and stopped, and a quarter of
+    its greedy programs failed to compile for that alone, so PPO's held-out gain was mostly learning to
+    count backticks, and how much of it there was to learn varied from machine to machine."""
+    return [build_prompt(problem, "", None, False) + solution + CODE_FENCE
+            for problem in problems for solution in problem.solutions]
+
+
 def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str, list[str]],
                  resume_from: Path | None, device) -> tuple:
     """(policy, reference, tokenizer, save_reference, export_dtype), before any wrapping. The policy is
@@ -691,7 +707,7 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
             reference = load_reference(base, tokenizer, dtype=torch.float32)
     else:
         if fresh:
-            tokenizer = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
+            tokenizer = build_default_tokenizer(tokenizer_corpus(problems))
             policy = build_default_model(tokenizer, config.seed, config.n_layer, config.n_embd)
         else:
             policy, tokenizer = load_model(config.model_name_or_path, dtype=torch.float32)

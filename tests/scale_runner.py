@@ -25,7 +25,7 @@ from stepcoder.distributed import fsdp_units, setup, unwrap, world
 from stepcoder.models import build_default_model, build_default_tokenizer, make_critic, without_dropout
 
 ROWS = 8
-ARGS = ["--output_dir", "unused", "--problems_per_step", "4", "--rollouts_per_prompt", "2", "--num_mini_batches", "1",
+ARGS = ["--output_dir", "unused", "--advantage", "gae", "--kl_coef", "0.01", "--problems_per_step", "4", "--rollouts_per_prompt", "2", "--num_mini_batches", "1",
         "--ppo_epochs", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
         "--critic_learning_rate", "1e-3", "--max_new_tokens", "6", "--forward_batch_size", "3", "--fused_lm_head", "off"]
 

@@ -105,7 +105,8 @@ def test_the_planner_counts_only_the_models_a_run_builds():
         config = parse_config(["--output_dir", "unused", *flags])
         return {line.component: line.bytes for line in plan.plan(config, 8, 128, on_gpu=False)}
 
-    gae, grpo = components(), components("--advantage", "grpo")
+    gae = components("--advantage", "gae", "--kl_coef", "0.01")
+    grpo = components("--advantage", "grpo", "--kl_coef", "0.01")
     bare = components("--advantage", "grpo", "--kl_coef", "0")
     critic = {name for name in gae if name.startswith("critic")}
     assert len(critic) == 3 and not critic & set(grpo)

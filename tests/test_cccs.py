@@ -205,9 +205,9 @@ def test_the_trainer_warns_at_start_when_the_curriculum_cannot_move(capsys):
 
     stages = {str(i): ["a", "b", ""] for i in range(1000)}
     stuck = parse_config(["--output_dir", "unused", "--total_steps", "80", "--cccs_mode", "per_problem",
-                          "--cccs_window", "8"])
+                          "--cccs_window", "8", "--problems_per_step", "8", "--rollouts_per_prompt", "4"])
     assert train.make_curriculum(stages, stuck).window == 8
     assert "cannot advance at all" in capsys.readouterr().err
     moving = parse_config(["--output_dir", "unused"])  # the small model's global curriculum, default window
-    assert train.make_curriculum(stages, moving).window == 32  # one step: 8 problems x 4 rollouts
+    assert train.make_curriculum(stages, moving).window == 64  # one step: 8 problems x 8 rollouts
     assert "warning" not in capsys.readouterr().err

@@ -159,8 +159,8 @@ def test_a_checkpoints_reference_and_policy_are_judged_side_by_side(tmp_path, ca
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the trainer on the CPU runs the PyTorch references
     train.main(["--data", "builtin", "--limit", "4", "--problems_per_step", "2", "--rollouts_per_prompt", "2", "--max_new_tokens", "24",
-                "--sft_steps", "10", "--sandbox_workers", "1", "--total_steps", "1",
-                "--output_dir", str(tmp_path / "run")])
+                "--sft_steps", "10", "--sandbox_workers", "1", "--total_steps", "1", "--advantage", "gae",
+                "--kl_coef", "0.01", "--output_dir", str(tmp_path / "run")])
     checkpoint = tmp_path / "run" / "checkpoint-1"
     reference, policy = str(checkpoint / "reference"), str(checkpoint / "policy")
     capsys.readouterr()

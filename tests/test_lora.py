@@ -186,7 +186,8 @@ def test_the_planner_counts_the_adapter_peft_builds(base):
     assert sum(a * b for a, b in lora.adapter_shapes(load_base(base), 4, "all-linear")) == peft_count
 
     def components(*flags):
-        config = parse_config(["--output_dir", "unused", "--n_embd", "64", *flags])
+        config = parse_config(["--output_dir", "unused", "--n_embd", "64", "--advantage", "gae", "--kl_coef", "0.01",
+                               *flags])
         return {line.component: line.bytes for line in plan(config, ranks=1, prompt_tokens=64, on_gpu=False)}
 
     full, low_rank = components(), components("--lora_r", "4")

@@ -57,3 +57,23 @@ def test_bootstrap_interval_covers_the_true_mean_about_95_percent_of_the_time():
     assert 0.90 <= covered / 300 <= 0.99
     with pytest.raises(ValueError):
         bootstrap_ci([])
+
+
+def test_a_difference_whose_interval_includes_zero_says_what_that_means():
+    """The before/after line names the interval's verdict; only when it includes 0 does a sentence follow
+    saying the run cannot tell the change from chance and what to try."""
+    from stepcoder.heldout import Evaluation, compare, describe
+
+    rng = np.random.default_rng(7)
+    problems = [f"p{i}" for i in range(400)]
+    before = {p: int(rng.integers(0, 2)) for p in problems}
+    noise = Evaluation(60, 1, {p: int(rng.integers(0, 2)) for p in problems}, {}, 0.0)
+    gain = Evaluation(60, 1, {p: max(v, int(rng.random() < 0.5)) for p, v in before.items()}, {}, 0.0)
+    start = Evaluation(0, 1, before, {}, 0.0)
+    shown = describe(compare(start, gain), "synthetic:heldout", 0.0)
+    assert "excludes 0" in shown and "cannot tell" not in shown
+    unsure = compare(start, noise)
+    low, high = unsure["difference_ci95"]
+    assert low < 0 < high
+    shown = describe(unsure, "synthetic:heldout", 0.0)
+    assert "includes 0" in shown and "cannot tell the change from chance" in shown and "--total_steps" in shown

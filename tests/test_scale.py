@@ -17,7 +17,7 @@ from stepcoder import evaluate, plan
 from stepcoder.config import parse_config
 
 HERE = Path(__file__).resolve().parent
-TINY = ["--data", "builtin", "--limit", "8", "--problems_per_step", "2", "--rollouts_per_prompt", "2", "--max_new_tokens", "24",
+TINY = ["--data", "builtin", "--limit", "8", "--advantage", "gae", "--kl_coef", "0.01", "--problems_per_step", "2", "--rollouts_per_prompt", "2", "--max_new_tokens", "24",
         "--sft_steps", "20", "--generation_batch_size", "4", "--num_mini_batches", "2", "--sandbox_workers", "1",
         "--save_steps", "100", "--sample_every", "1"]
 PORTS = iter(range(29601, 29700))

@@ -18,7 +18,7 @@ from stepcoder.data import DataError, load_builtin
 from stepcoder.models import build_default_model, build_default_tokenizer, make_critic
 from stepcoder.schedules import learning_rate_factor
 
-TINY = ["--data", "builtin", "--limit", "8", "--problems_per_step", "4", "--rollouts_per_prompt", "2", "--max_new_tokens", "40",
+TINY = ["--data", "builtin", "--limit", "8", "--advantage", "gae", "--kl_coef", "0.01", "--problems_per_step", "4", "--rollouts_per_prompt", "2", "--max_new_tokens", "40",
         "--sft_steps", "20", "--generation_batch_size", "8", "--num_mini_batches", "2", "--sandbox_workers", "1",
         "--save_steps", "100", "--sample_every", "1"]
 REQUIRED = ("step", "reward_mean", "pass_rate", "kl", "entropy", "clipfrac", "value_loss", "cccs_stage_mean",
@@ -90,7 +90,7 @@ def test_reward_lands_on_the_last_generated_token_and_kl_is_zero_at_the_referenc
         samples.append(train.Sample(problem=problem, stage=0, prefix="", prompt_ids=tokenizer("q")["input_ids"],
                                     response_ids=list(range(5, 5 + length)), completion="", verdict=verdict,
                                     fgo=[1] * length))
-    config = parse_config(["--output_dir", "unused", "--kl_coef", "0.5"])
+    config = parse_config(["--output_dir", "unused", "--advantage", "gae", "--kl_coef", "0.5"])
     batch = train.pad_batch(samples, tokenizer, config, "cpu")
     critic = make_critic(model, share_trunk=False)
     experience = train.score_rollouts(model, model, critic, batch, config)
@@ -325,7 +325,8 @@ def test_held_out_evaluation_before_and_after_agrees_with_evaluate(tmp_path, cap
     out = tmp_path / "run"
     train.main(["--output_dir", str(out), "--total_steps", "2", "--sft_steps", "30", "--eval_limit", "12",
                 "--eval_samples", "1", "--eval_temperature", "0", "--eval_every", "1", "--problems_per_step", "4",
-                "--rollouts_per_prompt", "2", "--max_new_tokens", "40", "--sandbox_workers", "1"])
+                "--rollouts_per_prompt", "2", "--max_new_tokens", "40", "--sandbox_workers", "1",
+                "--kl_coef", "0.01"])  # a reference, so checkpoint-N/reference holds the start
     config = json.loads((out / "config.json").read_text())
     assert (config["data"], config["eval_data"]) == ("synthetic:train", "synthetic:heldout")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -375,11 +376,30 @@ def test_a_warm_up_only_run_is_one_start_for_every_arm(tmp_path, capsys):
     assert (config["n_layer"], config["n_embd"]) == (3, 64)
 
 
-def test_the_sandbox_pool_leaves_a_cpu_to_the_trainer(monkeypatch):
+@pytest.mark.parametrize("cpus,ranks,workers", [(2, 1, 2), (3, 1, 3), (4, 1, 3), (96, 8, 11), (96, 1, 95),
+                                                 (2, 4, 1)])
+def test_the_sandbox_pool_leaves_a_cpu_to_the_trainer_only_from_four_up(monkeypatch, cpus, ranks, workers):
     config = parse_config(["--output_dir", "unused"])
-    cpus = len(os.sched_getaffinity(0))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert train.sandbox_workers(config) == max(1, cpus - 1)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cpus))  # more ranks than CPUs: still one worker each
-    assert train.sandbox_workers(config) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    assert train.sandbox_workers(config) == workers
     assert train.sandbox_workers(parse_config(["--output_dir", "unused", "--sandbox_workers", "3"])) == 3
+
+
+def test_the_default_tokenizer_spells_the_closing_fence_as_one_token():
+    """Trained on what the model reads and writes, the small default tokenizer has the closing fence as
+    one token, so a program ends with one decision, not a count of backticks (trained on questions and
+    solutions alone it was three tokens, and a 2-layer model often stopped after two)."""
+    from stepcoder.data import load_problems
+    from stepcoder.prompts import CODE_FENCE, build_prompt
+
+    problems = load_problems("synthetic:train").problems[:200]
+    tokenizer = build_default_tokenizer(train.tokenizer_corpus(problems))
+    assert len(tokenizer(CODE_FENCE, add_special_tokens=False)["input_ids"]) == 1
+    solution = problems[0].solutions[0]
+    ending = tokenizer(solution + CODE_FENCE, add_special_tokens=False)["input_ids"][-1]
+    assert tokenizer.decode([ending]) == CODE_FENCE
+    # the plain prompt is shorter in these tokens than in a tokenizer that never saw the template
+    prompt = build_prompt(problems[0], "", None, False)
+    plain = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
+    assert len(tokenizer(prompt)["input_ids"]) < len(plain(prompt)["input_ids"])

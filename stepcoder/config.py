@@ -158,6 +158,10 @@ class TrainConfig:
 #   seeds where GRPO 8 x 8 gave +2.7 and +0.6 (80 steps; 3e-4 and 1e-3 degraded both estimators);
 # - kl_coef 0 (no reference forward): the per-token KL stayed near 1e-4, and the run without it gained
 #   +3.5 / +2.6 / +2.3 at steps 40 / 80 / 120 where the same seed with 0.01 gained +0.1 / +0.6 / +1.8;
+# - the rate decays linearly to 0 at the last step: at a constant 1e-4 the gain peaked near step 50 and
+#   then drifted away (seed 4: +3.2 at step 50, +0.0 at 80; another start: +2.4 at 40, +0.3 at 80, where
+#   the decay gave +3.0 at 80); seeds 0-4 of the default run gained +0.1 / +4.1 / +2.2 / +2.2 / +0.0
+#   points at a constant rate, +2.4 / +3.1 / +2.4 / +2.2 / +2.7 with the decay (every interval above 0);
 # - 80 steps, which with the 1000-step warm-up and two greedy evaluations of 1600 problems keeps the run
 #   under 10 minutes on 2 cores; one generate call per step (64 rollouts);
 # - greedy evaluation, one sample per problem: a quarter of the programs 4 samples at T = 0.2 judged, for
@@ -167,7 +171,7 @@ SMALL_MODEL_PRESET = {"sft_steps": 1000, "sft_learning_rate": 2e-3, "learning_ra
                       "critic_learning_rate": 1e-3, "total_steps": 80, "max_new_tokens": 96,
                       "cccs_mode": "global", "cccs_threshold": 0.5, "sandbox_timeout": 0.5,
                       "advantage": "grpo", "kl_coef": 0.0, "problems_per_step": 8, "rollouts_per_prompt": 8,
-                      "generation_batch_size": 64, "forward_batch_size": 64,
+                      "generation_batch_size": 64, "forward_batch_size": 64, "lr_scheduler_type": "linear",
                       "eval_samples": 1, "eval_temperature": 0.0}
 
 # LoRA trains a few small matrices from zero (B = 0) and, as the usual practice for LoRA, at a higher rate than

@@ -36,11 +36,11 @@ from stepcoder.metrics import KS
 from stepcoder.output import new_figure, save_figure, write_atomically
 
 ARMS = {"full": [], "no_fgo": ["--no_fgo"], "no_cccs": ["--no_cccs"], "vanilla": ["--no_fgo", "--no_cccs"]}
-# For the small default model: its preset's 80 PPO steps, evaluated at steps 0, 40 and 80 on the first 800
-# held-out problems, one greedy program each (as many programs as the earlier 200 problems x 4 samples,
-# each from a different problem, so a narrower interval). 4 arms x 3 seeds took 36 min on 2 cores with the
-# earlier preset's 8 x 4 rollouts per step; the 8 x 8 of today's preset take longer (not re-timed).
-SMALL_MODEL_DEFAULTS = {"total_steps": 80, "eval_every": 40, "eval_limit": 800}
+# For the small default model, on top of its preset (80 PPO steps): evaluations at steps 0, 40 and 80 on the
+# first 800 held-out problems, one greedy program each (as many programs as the earlier 200 problems x 4
+# samples, each from a different problem, so a narrower interval). 4 arms x 3 seeds took 36 min on 2 cores
+# with the earlier preset's 8 x 4 rollouts per step; the 8 x 8 of today's preset take longer (not re-timed).
+SMALL_MODEL_DEFAULTS = {"eval_every": 40, "eval_limit": 800}
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -15,7 +15,10 @@ from typing import get_type_hints
 
 from stepcoder.advantages import ESTIMATORS
 from stepcoder.distributed import PRECISIONS, STRATEGIES
+from stepcoder.generation import ENGINES
 from stepcoder.kernels.reference import KL_ESTIMATORS
+
+IS_MODES = ("none", "token", "sequence")  # --rollout_is: importance weights per token, per sequence, or none
 
 
 @dataclass
@@ -55,6 +58,20 @@ class TrainConfig:
     top_p: float = 1.0
     generation_batch_size: int = 16
     chat: str = field(default="auto", metadata={"help": "chat-template prompts: auto, on, off"})
+    rollout_engine: str = field(default="hf", metadata={"help": "hf (the learner's own generate) or vllm (in "
+                                                                 "this process, weights pushed after every "
+                                                                 "update; pip install -e \".[vllm]\")"})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm: the share of GPU memory "
+                                                                               "its weights and KV cache take"})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: ranks one engine spans (under "
+                                                                         "torchrun; must divide the ranks)"})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "vllm: free its KV cache and weights "
+                                                                           "while the learner trains (GPUs)"})
+    rollout_is: str | None = field(default=None, metadata={"help": "importance weights for the engine's "
+                                                                   "log-probs differing from the learner's: "
+                                                                   "none, token or sequence (None: token "
+                                                                   "with vllm, none with hf)"})
+    rollout_is_cap: float = field(default=2.0, metadata={"help": "the importance weights' upper bound"})
     # rewards (CodeRL / StepCoder scale), placed on the last generated token
     reward_pass: float = 1.0
     reward_wrong_answer: float = -0.3
@@ -188,14 +205,15 @@ CHOICES = {"advantage": ESTIMATORS, "kl_estimator": KL_ESTIMATORS, "chat": ("aut
            "report_to": ("none", "tensorboard"), "fused_lm_head": ("auto", "off"),
            "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None),
            "lr_scheduler_type": ("constant", "linear", "cosine"), "fgo_coverage": ("all_tests", "first_failure"),
-           "strategy": STRATEGIES, "precision": PRECISIONS}
+           "strategy": STRATEGIES, "precision": PRECISIONS,
+           "rollout_engine": ENGINES, "rollout_is": IS_MODES}
 POSITIVE = ("n_layer", "n_embd", "problems_per_step", "rollouts_per_prompt", "max_new_tokens", "generation_batch_size",
             "ppo_epochs", "num_mini_batches", "gradient_accumulation_steps", "sandbox_memory_mb",
             "sample_every", "eval_samples", "eval_batch_size", "save_steps", "save_total_limit", "learning_rate",
-            "forward_batch_size", "critic_learning_rate", "sft_learning_rate", "temperature", "sandbox_timeout",
-            "max_grad_norm")
+            "forward_batch_size", "critic_learning_rate", "sft_learning_rate", "sandbox_timeout",
+            "max_grad_norm", "vllm_tensor_parallel_size", "rollout_is_cap")
 NON_NEGATIVE = ("total_steps", "sft_steps", "cliprange", "cliprange_value", "kl_coef", "entropy_coef", "seed", "truncation_penalty",
-                "warmup_steps", "lora_r", "lora_dropout")
+                "warmup_steps", "lora_r", "lora_dropout", "temperature")
 
 
 class ConfigError(ValueError):
@@ -286,6 +304,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             values["lora_dropout"] = 0.0
     if values.get("kl_in_loss") and "kl_estimator" not in values:
         values["kl_estimator"] = "k3"  # as GRPO: unbiased and non-negative, its gradient well behaved
+    if "rollout_is" not in values:  # HF samples from the learner itself: nothing to correct
+        values["rollout_is"] = "token" if values.get("rollout_engine") == "vllm" else "none"
     if "eval_data" not in values and values.get("data", TrainConfig.data) == "synthetic:train":
         values["eval_data"] = "synthetic:heldout"
     config = TrainConfig(**values)
@@ -324,6 +344,13 @@ def validate(config: TrainConfig) -> None:
     for name in NON_NEGATIVE:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name}: must be >= 0, got {getattr(config, name)}")
+    if not 0 < config.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {config.vllm_gpu_memory_utilization}")
+    if config.rollout_engine != "vllm" and (config.vllm_enable_sleep_mode or config.vllm_tensor_parallel_size != 1):
+        raise ConfigError("vllm_enable_sleep_mode, vllm_tensor_parallel_size: set without --rollout_engine vllm")
+    if config.temperature == 0 and config.advantage != "gae" and os.environ.get("RANK", "0") == "0":
+        print(f"warning: temperature 0: greedy rollouts of one prompt are identical, so --advantage "
+              f"{config.advantage} gives every one of them 0", file=sys.stderr)
     if not 0 < config.top_p <= 1:
         raise ConfigError(f"top_p: must be in (0, 1], got {config.top_p}")
     if not 0 < config.cccs_threshold <= 1:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from stepcoder.data import DIFFICULTIES, DataError, Problem, load_problems
+from stepcoder.generation import ENGINES
 from stepcoder.metrics import KS, pass_at_k
 from stepcoder.output import new_figure, save_figure, write_atomically
 from stepcoder.sandbox import VERDICTS, Sandbox
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="default: 1.5 x the 95th percentile of the problems' canonical solutions in tokens "
                           "(64 to 2048; 512 without solutions)")
     gen.add_argument("--batch_size", type=int, default=16, help="sequences per generate() call")
+    gen.add_argument("--engine", choices=ENGINES, default="hf",
+                     help="hf: transformers' generate; vllm: vLLM in this process (pip install -e \".[vllm]\")")
     gen.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                      help="chat-template prompts: when the tokenizer has a template (auto), always, never")
     gen.add_argument("--seed", type=int, default=0)
@@ -155,22 +158,26 @@ def candidates(args: argparse.Namespace, problems: list[Problem],
             if problem.id in samples:
                 yield problem, [problem.program(c) for c in samples[problem.id]]
         return
-    import torch
     from transformers import set_seed
 
-    from stepcoder.generation import load_model, sample, suited_max_new_tokens
+    from stepcoder.engines import Sampling, completions, evaluation_engine, prompt_ids
+    from stepcoder.generation import load_model, load_tokenizer, suited_max_new_tokens
     from stepcoder.prompts import build_prompt, chat_option
 
     set_seed(args.seed)  # the same for every model, so compared models sample under the same seed
-    model, tokenizer = load_model(model_path)
+    model, tokenizer = load_model(model_path) if args.engine == "hf" else (None, load_tokenizer(model_path))
     chat = chat_option(args.chat)
     prompts = [build_prompt(problem, tokenizer=tokenizer, chat=chat) for problem in problems]
     budget = args.max_new_tokens or suited_max_new_tokens(tokenizer, [p.solutions[0] for p in problems if p.solutions])
-    with torch.inference_mode():
-        completions = sample(model, tokenizer, prompts, args.n, args.temperature, args.top_p, budget,
-                             args.batch_size, args.top_k)
-        for problem, texts in zip(problems, completions):
+    longest = max(len(ids) for ids in prompt_ids(tokenizer, prompts))
+    engine = evaluation_engine(args.engine, model_path, tokenizer, model, longest + budget, args.seed)
+    try:
+        for problem, texts in zip(problems, completions(engine, tokenizer, prompts, args.n,
+                                                        Sampling(budget, args.temperature, args.top_p, args.top_k),
+                                                        args.batch_size)):
             yield problem, [problem.program(text) for text in texts]
+    finally:
+        engine.close()
 
 
 def judge(sandbox: Sandbox, work: Iterable[tuple[Problem, list[str]]], total: int,

@@ -1,13 +1,14 @@
 """Sampling from a local transformers model: the settings the trainer and evaluate share (one BOS per
-prompt, nothing of the checkpoint's generation_config), model loading and evaluate's sampler."""
+prompt, nothing of the checkpoint's generation_config) and model loading."""
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from stepcoder.detokenize import code_tokens, continuation
 from stepcoder.prompts import STOP_STRING
+
+ENGINES = ("hf", "vllm")  # generation engines (stepcoder.engines): transformers' generate, vLLM
 
 # Files any one of which makes a directory's tokenizer loadable (fast, SentencePiece, byte-level BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -79,15 +80,11 @@ def suited_max_new_tokens(tokenizer, solutions: Sequence[str]) -> int:
     return max(64, min(2048, int(1.5 * counts[int(0.95 * (len(counts) - 1))]) + 8))
 
 
-def load_model(path: str, device: str | None = None):
-    """(model, tokenizer) from a local directory: nothing is downloaded. Left padding, a pad token."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from stepcoder.models import quiet_transformers
+def load_tokenizer(path: str):
+    """The tokenizer of the model directory `path` (checked first): left padding, a pad token."""
+    from transformers import AutoTokenizer
 
     check_model_dir(path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -95,34 +92,19 @@ def load_model(path: str, device: str | None = None):
     if tokenizer.pad_token is None:
         raise ValueError(f"--model {path}: the tokenizer has neither a pad nor an EOS token, so generations "
                          "cannot be batched or stopped")
+    return tokenizer
+
+
+def load_model(path: str, device: str | None = None):
+    """(model, tokenizer) from a local directory: nothing is downloaded. Left padding, a pad token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stepcoder.models import quiet_transformers
+
+    tokenizer = load_tokenizer(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with quiet_transformers():  # its loading bar would cut through evaluate's own
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
     return model, tokenizer
-
-
-def sample(model, tokenizer, prompts: Sequence[str], n: int, temperature: float, top_p: float,
-           max_new_tokens: int, batch_size: int, top_k: int = 0) -> Iterator[list[str]]:
-    """For each prompt, in order, its `n` completions (the text the new tokens add, decoded exactly).
-    Pure sampling when temperature > 0; greedy at 0, where the `n` completions are one decoded `n`
-    times (greedy decoding is deterministic). Batched with the KV cache; stops at a closing fence at
-    the start of a line, or EOS. Only these settings apply: the checkpoint's generation_config does not."""
-    import torch
-
-    greedy = temperature == 0
-    copies = 1 if greedy else n
-    settings = sampling_config(model, tokenizer, max_new_tokens, temperature, top_p, top_k)
-    per_batch = max(1, batch_size // copies) if copies <= batch_size else 1
-    for start in range(0, len(prompts), per_batch):
-        chunk = list(prompts[start:start + per_batch])
-        encoded = encode_prompts(tokenizer, chunk).to(model.device)
-        with torch.inference_mode(), only_these_settings(model, settings):
-            output = model.generate(**encoded, generation_config=settings, num_return_sequences=copies,
-                                    tokenizer=tokenizer)
-        width = encoded["input_ids"].shape[1]
-        for index in range(len(chunk)):
-            prompt_ids = encoded["input_ids"][index][encoded["attention_mask"][index].bool()].tolist()
-            texts = []
-            for row in output[index * copies:(index + 1) * copies]:
-                texts.append(continuation(tokenizer, prompt_ids, code_tokens(tokenizer, row[width:].tolist()))[0])
-            yield texts * n if greedy else texts

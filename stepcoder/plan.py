@@ -68,7 +68,8 @@ def meta_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
     return policy, critic
 
 
-def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = True) -> list[Line]:
+def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = True,
+         gpu_gb: float = 80.0) -> list[Line]:
     """Each rank's memory by component (bytes)."""
     policy, critic = meta_models(config)
     settings = policy.config
@@ -108,13 +109,17 @@ def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = Tru
     rollouts = config.problems_per_step * config.rollouts_per_prompt
     micro = max(1, rollouts // config.num_mini_batches // config.gradient_accumulation_steps)
 
-    # Generation: the policy unsharded once per generate call (or autocast's bf16 copies), and the KV cache.
-    if sharded:
+    if config.rollout_engine == "vllm":
+        lines += engine_lines(config, policy, compute, gpu_gb)
+    # Generation (HF): the policy unsharded once per generate call (or autocast's bf16 copies), and the KV cache.
+    elif sharded:
         lines.append(Line("generation", "policy weights unsharded for generate", compute * total, True))
     elif compute < 4 and not adapted:  # LoRA: the base weights are held in the compute dtype already
         lines.append(Line("generation", "bf16 copies of the weights (autocast)", compute * total, False))
-    kv = 2 * layers * config.generation_batch_size * sequence * kv_width * head_dim * compute
-    lines.append(Line("generation", f"KV cache ({config.generation_batch_size} sequences x {sequence} tokens)", kv, True))
+    if config.rollout_engine == "hf":
+        kv = 2 * layers * config.generation_batch_size * sequence * kv_width * head_dim * compute
+        lines.append(Line("generation", f"KV cache ({config.generation_batch_size} sequences x {sequence} tokens)", kv,
+                          True))
 
     # Scoring and update: layers unsharded in flight (FSDP2: the root stays gathered, two blocks at a time).
     if sharded:
@@ -142,6 +147,22 @@ def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = Tru
     return sorted(lines, key=lambda line: order.index(line.phase))
 
 
+def engine_lines(config: TrainConfig, policy: nn.Module, compute: int, gpu_gb: float) -> list[Line]:
+    """A colocated vLLM engine takes vllm_gpu_memory_utilization of the GPU: its copy of the weights in the
+    compute dtype (a tensor-parallel share) and, in the rest, its KV cache and activations. With sleep
+    mode it frees both while the learner trains, so they count in generation only. A weight sync holds
+    one full parameter at a time (gathered from the FSDP2 shards, in fp32)."""
+    tensor_parallel = config.vllm_tensor_parallel_size
+    weights = compute * sum(p.numel() for p in policy.parameters()) / tensor_parallel
+    share = config.vllm_gpu_memory_utilization * gpu_gb * GB
+    phase = "generation" if config.vllm_enable_sleep_mode else "static"
+    largest = max(p.numel() for p in policy.parameters())
+    return [Line(phase, f"vLLM weights (compute dtype, 1/{tensor_parallel} per rank)", weights, True),
+            Line(phase, f"vLLM KV cache and activations (the rest of {config.vllm_gpu_memory_utilization:g} x "
+                        f"{gpu_gb:g} GB)", max(share - weights, 0.0), True),
+            Line("update", "weight sync: one full parameter gathered (fp32)", 4 * largest, True)]
+
+
 def peak(lines: list[Line]) -> float:
     static = sum(line.bytes for line in lines if line.phase == "static")
     phases = {line.phase for line in lines} - {"static"}
@@ -158,6 +179,10 @@ def report(lines: list[Line], config: TrainConfig, ranks: int, gpu_gb: float) ->
         rows.append(f"{line.phase:<11}{line.component:<60}{line.bytes / GB:>9.2f}" + ("" if line.exact else "  (estimate)"))
     verdict = "fits" if total <= gpu_gb * GB else "does not fit"
     rows.append(f"peak (static + the largest phase): {total / GB:.1f} GB per GPU: {verdict} in {gpu_gb:g} GB")
+    engine = [line for line in lines if line.component.startswith("vLLM KV cache")]
+    if engine and engine[0].bytes == 0:
+        rows.append("vLLM: vllm_gpu_memory_utilization leaves no room for a KV cache beside its weights; raise it "
+                    "or raise vllm_tensor_parallel_size")
     return "\n".join(rows)
 
 
@@ -178,7 +203,7 @@ def main(argv: list[str] | None = None) -> list[Line]:
         config = parse_config(rest)
     except ConfigError as error:
         sys.exit(f"error: {error}")
-    lines = plan(config, own.nproc_per_node, own.prompt_tokens)
+    lines = plan(config, own.nproc_per_node, own.prompt_tokens, gpu_gb=own.gpu_memory_gb)
     print(report(lines, config, own.nproc_per_node, own.gpu_memory_gb))
     return lines
 

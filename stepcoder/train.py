@@ -39,13 +39,11 @@ from stepcoder.advantages import gae_advantages, group_advantages
 from stepcoder.cccs import Curriculum, prefixes, reach_warning
 from stepcoder.config import ConfigError, TrainConfig, parse_config, to_json
 from stepcoder.data import DataError, Problem, load_problems
-from stepcoder.detokenize import code_tokens, continuation
 from stepcoder.distributed import (
     all_gather,
     all_sum,
     autocast,
     compute_dtype,
-    gathered,
     no_sync,
     replicate,
     setup,
@@ -54,8 +52,8 @@ from stepcoder.distributed import (
     unwrap,
     world,
 )
-from stepcoder.fgo import token_mask
-from stepcoder.generation import encode_prompts, only_these_settings, sampling_config
+from stepcoder.engines import HFEngine, Sampling, VLLMEngine, check_sleep_mode, engine_directory, eos_ids
+from stepcoder.generation import encode_prompts
 from stepcoder.heldout import Evaluation, compare, describe, evaluate_policy, plot_curve
 from stepcoder.kernels.reference import kl_penalty
 from stepcoder.metrics import bootstrap_ci
@@ -71,7 +69,8 @@ from stepcoder.models import (
     without_dropout,
 )
 from stepcoder.output import write_atomically
-from stepcoder.prompts import CODE_FENCE, STOP_STRING, build_prompt, chat_option
+from stepcoder.prompts import CODE_FENCE, build_prompt, chat_option
+from stepcoder.rollouts import Sample, collect_rollouts, importance_weights, reward_of
 from stepcoder.sandbox import Sandbox
 from stepcoder.schedules import learning_rate_factor
 
@@ -80,100 +79,6 @@ def compute(config: TrainConfig, device) -> contextlib.AbstractContextManager:
     """bf16 compute over the fp32 master weights where asked (see stepcoder.distributed)."""
     device = torch.device(device)
     return autocast(compute_dtype(config.precision, device), device, config.strategy)
-
-
-# --------------------------------------------------------------------------------------------------
-# Rollouts
-
-
-@dataclass
-class Sample:
-    problem: Problem
-    stage: int
-    prefix: str
-    prompt_ids: list[int]
-    response_ids: list[int]
-    completion: str
-    verdict: str = ""
-    executed_lines: list[int] = dataclasses.field(default_factory=list)
-    tests_ran: bool = False
-    fgo: list[int] = dataclasses.field(default_factory=list)
-    spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # each code token's text in `completion`
-    truncated: bool = False  # generation hit max_new_tokens
-    wall_timeout: bool = False  # judged timeout by the sandbox's wall-clock backstop, not by CPU time
-
-
-def generate(policy, tokenizer, prompts: list[str], config: TrainConfig, device) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) per prompt: pure sampling (top_k 0) with these settings only, stopped
-    by EOS or a fence opening a line."""
-    policy = unwrap(policy)  # DDP's module: generation needs no gradient synchronisation
-    encoded = encode_prompts(tokenizer, prompts).to(device)
-    settings = sampling_config(policy, tokenizer, config.max_new_tokens, config.temperature, config.top_p)
-    with torch.no_grad(), gathered(policy), compute(config, device), only_these_settings(policy, settings):
-        output = policy.generate(**encoded, generation_config=settings, tokenizer=tokenizer)
-    width = encoded["input_ids"].shape[1]
-    pairs = []
-    for row, mask in zip(output, encoded["attention_mask"]):
-        prompt = row[:width][mask.bool()].tolist()
-        response = row[width:].tolist()
-        if tokenizer.pad_token_id in response:
-            response = response[: response.index(tokenizer.pad_token_id)]
-        pairs.append((prompt, response))
-    return pairs
-
-
-def reward_of(verdict: str, config: TrainConfig) -> float:
-    if verdict == "pass":
-        return config.reward_pass
-    if verdict == "wrong_answer":
-        return config.reward_wrong_answer
-    if verdict == "compile_error":
-        return config.reward_compile_error
-    return config.reward_runtime_error  # runtime error, timeout, memory, output limit, violation
-
-
-def collect_rollouts(policy, tokenizer, problems: list[Problem], curriculum: Curriculum | None, sandbox: Sandbox,
-                     config: TrainConfig, device, timings: dict) -> list[Sample]:
-    """Samples, each judged; a batch's programs are in the sandbox while the next batch generates."""
-    chat = chat_option(config.chat)
-    work = []
-    for problem in problems:
-        prefix = curriculum.prefix(problem.id) if curriculum else ""
-        stage = curriculum.stage(problem.id) if curriculum else 0
-        prompt = build_prompt(problem, prefix, tokenizer, chat)
-        work += [(problem, stage, prefix, prompt)] * config.rollouts_per_prompt
-    samples, futures = [], []
-    start = time.perf_counter()
-    policy.eval()
-    for begin in range(0, len(work), config.generation_batch_size):
-        chunk = work[begin:begin + config.generation_batch_size]
-        for (problem, stage, prefix, _), (prompt_ids, response_ids) in zip(
-                chunk, generate(policy, tokenizer, [item[3] for item in chunk], config, device)):
-            completion, spans = continuation(tokenizer, prompt_ids, code_tokens(tokenizer, response_ids))
-            truncated = len(response_ids) >= config.max_new_tokens and response_ids[-1] != tokenizer.eos_token_id \
-                and STOP_STRING not in "\n" + completion  # stopped by the length limit, not by the model
-            samples.append(Sample(problem, stage, prefix, prompt_ids, response_ids, completion, spans=spans,
-                                  truncated=truncated))
-            futures.append(sandbox.submit(*problem.job(problem.program(completion, prefix))))
-    timings["time_generate_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    for sample, future in zip(samples, futures):
-        result = future.result()
-        sample.verdict, sample.executed_lines = result.verdict, result.executed_lines
-        sample.tests_ran, sample.wall_timeout = bool(result.tests), result.wall_timeout
-    timings["time_sandbox_s"] = time.perf_counter() - start
-    for sample in samples:
-        sample.fgo = fgo_mask(sample, tokenizer) if not config.no_fgo else [1] * len(sample.response_ids)
-    return samples
-
-
-def fgo_mask(sample: Sample, tokenizer) -> list[int]:
-    """FGO mask over the response tokens; special tokens (EOS) stay in the loss. The spans are those
-    of the decode that gave ``sample.completion`` (``stepcoder.detokenize.continuation``)."""
-    special = set(tokenizer.all_special_ids)
-    mask = iter(token_mask(sample.problem.context(sample.prefix), sample.completion, sample.spans,
-                           sample.executed_lines, sample.problem.entry, sample.tests_ran))
-    return [1 if token in special else next(mask) for token in sample.response_ids]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,6 +94,7 @@ class Batch:
     policy_mask: torch.Tensor     # action mask x FGO mask
     scores: torch.Tensor          # [N]: the verdicts' rewards
     prompts: list[tuple[str, int]]  # [N]: each rollout's prompt (problem, CCCS stage): its group
+    engine_logp: torch.Tensor | None = None  # [N, R]: the sampling engine's log-probs (vLLM), else None
 
 
 def pad_batch(samples: list[Sample], tokenizer, config: TrainConfig, device) -> Batch:
@@ -199,6 +105,8 @@ def pad_batch(samples: list[Sample], tokenizer, config: TrainConfig, device) -> 
     attention = torch.zeros_like(ids)
     action = torch.zeros(len(samples), length)
     fgo = torch.zeros(len(samples), length)
+    recorded = all(s.engine_logprobs is not None for s in samples)
+    engine_logp = torch.zeros(len(samples), length)
     for row, sample in enumerate(samples):
         prompt, response = sample.prompt_ids, sample.response_ids
         ids[row, width - len(prompt):width] = torch.tensor(prompt)
@@ -206,10 +114,19 @@ def pad_batch(samples: list[Sample], tokenizer, config: TrainConfig, device) -> 
         attention[row, width - len(prompt):width + len(response)] = 1
         action[row, :len(response)] = 1
         fgo[row, :len(response)] = torch.tensor(sample.fgo, dtype=torch.float)
+        if recorded:
+            engine_logp[row, :len(response)] = torch.tensor(sample.engine_logprobs, dtype=torch.float)
     scores = torch.tensor([reward_of(s.verdict, config) - (config.truncation_penalty if s.truncated else 0.0)
                            for s in samples])
     return Batch(ids.to(device), attention.to(device), ids[:, width:].to(device), action.to(device),
-                 (action * fgo).to(device), scores.to(device), [(s.problem.id, s.stage) for s in samples])
+                 (action * fgo).to(device), scores.to(device), [(s.problem.id, s.stage) for s in samples],
+                 engine_logp.to(device) if recorded else None)
+
+
+def learner_temperature(config: TrainConfig) -> float:
+    """The temperature the learner's log-probs are taken at: the sampling one, or 1 for greedy rollouts
+    (--temperature 0), which are scored under the model's own distribution."""
+    return config.temperature or 1.0
 
 
 def response_logits(model, batch: Batch, rows) -> torch.Tensor:
@@ -255,11 +172,11 @@ def response_logprobs(model, batch: Batch, rows, config: TrainConfig) -> torch.T
     weight = lm_head_weight(model, config)
     if weight is None:
         return kernels.logprobs_from_logits(response_logits(model, batch, rows), batch.responses[rows],
-                                            config.temperature)
+                                            learner_temperature(config))
     hidden = response_hidden(model, batch, rows)
     labels = batch.responses[rows]
     return kernels.linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                   config.temperature).view(labels.shape)
+                                   learner_temperature(config)).view(labels.shape)
 
 
 def reference_logprobs(reference, batch: Batch, rows, config: TrainConfig) -> torch.Tensor:
@@ -300,7 +217,24 @@ def score_rollouts(policy, reference, critic, batch: Batch, config: TrainConfig)
         advantages = group_advantages(scores, batch.prompts, config.rollouts_per_prompt, config.advantage,
                                       scale=not config.grpo_no_std)
         experience["advantages"] = advantages[:, None] * batch.action_mask
+    experience["is_weights"] = torch.ones_like(old_logp) if batch.engine_logp is None else importance_weights(
+        old_logp, batch.engine_logp, batch.policy_mask, config.rollout_is, config.rollout_is_cap)
     return experience
+
+
+def rollout_mismatch(batch: Batch, experience: dict) -> dict:
+    """How far the engine's log-probs of the sampled tokens are from the learner's (before the update)
+    over the policy-loss tokens, and the mean importance weight there; all ranks together. The HF
+    engine samples from the learner itself: its weights are 1, nothing to compare."""
+    mask = (batch.policy_mask > 0).to(experience["old_logp"].dtype)
+    gap = torch.zeros_like(mask) if batch.engine_logp is None else (experience["old_logp"] - batch.engine_logp).abs()
+    sums = all_sum(torch.stack([(gap * mask).sum(), (experience["is_weights"] * mask).sum(), mask.sum()]).double())
+    largest = max(all_gather(float((gap * mask).max()) if mask.numel() else 0.0))
+    tokens = max(float(sums[2]), 1.0)
+    metrics = {"rollout_is_ratio_mean": float(sums[1]) / tokens if float(sums[2]) else 1.0}
+    if batch.engine_logp is not None:
+        metrics.update(rollout_logprob_abs_diff_max=largest, rollout_logprob_abs_diff_mean=float(sums[0]) / tokens)
+    return metrics
 
 
 def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, config: TrainConfig,
@@ -329,13 +263,15 @@ def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, confi
                 last = index == len(micro_batches) - 1
                 with no_sync(policy, last), no_sync(critic, last), compute(config, batch.input_ids.device):
                     options = dict(clip_low=config.cliprange, clip_high=config.cliprange_high or config.cliprange,
-                                   dual_clip=config.dual_clip, temperature=config.temperature,
+                                   dual_clip=config.dual_clip, temperature=learner_temperature(config),
                                    entropy_coef=config.entropy_coef, normalizer=policy_tokens)
                     if kl_in_loss:
                         options.update(ref_logp=experience["ref_logp"][micro], kl_coef=config.kl_coef,
                                        kl_estimator=config.kl_estimator)
+                    # the rollout importance weights scale each token's loss (the mask is its weight)
+                    policy_mask = batch.policy_mask[micro] * experience["is_weights"][micro]
                     per_token = (batch.responses[micro], experience["old_logp"][micro],
-                                 experience["advantages"][micro], batch.policy_mask[micro])
+                                 experience["advantages"][micro], policy_mask)
                     if head is not None:
                         loss, stats = kernels.ppo_policy_loss_from_hidden(response_hidden(policy, batch, micro), head,
                                                                           *per_token, weight_grad=head.requires_grad,
@@ -519,6 +455,7 @@ def step_metrics(step: int, samples: list[Sample], batch: Batch, experience: dic
                "truncated_frac": truncated / count, "fgo_masked_frac": masked / max(tokens, 1.0),
                "outcomes": outcomes, "sandbox_wall_timeouts": wall_timeouts}
     metrics.update({name: value for name, value in update.items()})
+    metrics.update(rollout_mismatch(batch, experience))
     if experience["ref_logp"] is None:  # kl_coef 0: no reference, nothing measured
         del metrics["kl"]
     if curriculum is not None:
@@ -545,7 +482,7 @@ def summarize(history: list[dict], build_seconds: float, steps: int, ppo_seconds
         return sum(r[name] for r in rows) / len(rows)
 
     phases = {name: sum(r.get(name, 0.0) for r in history) for name in
-              ("time_generate_s", "time_sandbox_s", "time_forward_s", "time_update_s")}
+              ("time_generate_s", "time_sandbox_s", "time_forward_s", "time_update_s", "time_sync_s")}
     dominant = max(phases, key=phases.get)
     lines = [times,
              f"pass rate: first quarter {mean(first, 'pass_rate'):.3f} -> last quarter {mean(last, 'pass_rate'):.3f}",
@@ -583,12 +520,15 @@ def select_eval_problems(config: TrainConfig) -> list[Problem]:
     return problems
 
 
-def held_out_evaluation(policy, tokenizer, problems: list[Problem], sandbox: Sandbox, config: TrainConfig, device,
+def held_out_evaluation(engine, tokenizer, problems: list[Problem], sandbox: Sandbox, config: TrainConfig,
                         step: int, logger: Logger) -> None:
-    """Full programs sampled at eval_temperature (top_p 1), judged as `evaluate` judges them; the row goes
-    to metrics.jsonl and the per-problem counts to eval/step-N.json."""
-    settings = dataclasses.replace(config, temperature=config.eval_temperature, top_p=1.0)
-    sample = functools.partial(generate, policy, tokenizer, config=settings, device=device)
+    """Full programs sampled by the run's engine at eval_temperature (top_p 1), judged as `evaluate`
+    judges them; the row goes to metrics.jsonl and the per-problem counts to eval/step-N.json."""
+    settings = Sampling(config.max_new_tokens, config.eval_temperature)
+
+    def sample(prompts: list[str]) -> list[tuple[list[int], list[int]]]:
+        return [(g.prompt_ids, g.response_ids) for g in engine.generate(prompts, settings)]
+
     chat = chat_option(config.chat)
     evaluation = evaluate_policy(sample, tokenizer, problems, config.eval_samples, sandbox, chat, step,
                                  config.eval_batch_size)
@@ -750,21 +690,40 @@ def wrap_models(policy, critic, reference, config: TrainConfig, device) -> tuple
 
 
 def check_prompts_fit(model, tokenizer, problems: list[Problem], stages: dict[str, list[str]],
-                      config: TrainConfig) -> None:
-    """Raises DataError naming the problems whose longest prompt (its first CCCS stage) plus
-    max_new_tokens exceeds the model's context: they would be cut off silently mid-generation."""
-    limit = next((getattr(model.config, name) for name in ("max_position_embeddings", "n_positions")
-                  if getattr(model.config, name, None)), None)
-    if limit is None:
-        return
+                      config: TrainConfig) -> int:
+    """The longest prompt's tokens (a problem's longest is its first CCCS stage's). Raises DataError
+    naming the problems whose longest prompt plus max_new_tokens exceeds the model's context: they would
+    be cut off silently mid-generation."""
     chat = chat_option(config.chat)
     longest = {p.id: len(encode_prompts(tokenizer, [build_prompt(p, stages[p.id][0], tokenizer, chat)])["input_ids"][0])
                for p in problems}
+    limit = next((getattr(model.config, name) for name in ("max_position_embeddings", "n_positions")
+                  if getattr(model.config, name, None)), None)
+    if limit is None:
+        return max(longest.values())
     over = {problem: length for problem, length in longest.items() if length + config.max_new_tokens > limit}
     if over:
         examples = ", ".join(f"{problem} ({length} tokens)" for problem, length in list(over.items())[:5])
         raise DataError(f"{len(over)} prompts do not fit the model's context of {limit} tokens with max_new_tokens "
                         f"{config.max_new_tokens}: {examples}; lower --max_new_tokens or leave these problems out")
+    return max(longest.values())
+
+
+def start_engine(config: TrainConfig, policy, tokenizer, longest_prompt: int, device):
+    """The rollout engine: the learner's own generate (hf), or vLLM in this process with the policy's
+    weights pushed in (``VLLMEngine.sync``), its context sized to the longest prompt plus max_new_tokens."""
+    if config.rollout_engine == "hf":
+        return HFEngine(policy, tokenizer, device, functools.partial(compute, config, device))
+    model = lora.language_model(unwrap(policy))
+    with engine_directory(policy, tokenizer) as directory:
+        engine = VLLMEngine(directory, tokenizer, dtype=compute_dtype(config.precision, torch.device(device)),
+                            max_model_len=longest_prompt + config.max_new_tokens, seed=config.seed,
+                            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                            tensor_parallel_size=config.vllm_tensor_parallel_size,
+                            enable_sleep_mode=config.vllm_enable_sleep_mode,
+                            eos_token_ids=eos_ids(model.generation_config.eos_token_id))
+    engine.sync(policy)
+    return engine
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -780,6 +739,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if world_size > 1 and config.lora_r and config.advantage == "gae" and config.strategy == "fsdp2":
         sys.exit("error: lora_r: with --advantage gae the critic's adapter sits on the policy's base tensors, "
                  "which FSDP2 cannot shard twice; use --advantage grpo or rloo (no critic), or --strategy ddp")
+    if config.vllm_enable_sleep_mode:
+        try:
+            check_sleep_mode()  # before any work: the engine starts only after the warm-up
+        except ValueError as error:
+            sys.exit(f"error: {error}")
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -803,7 +767,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                                               resume_from, device)
     build_seconds = time.perf_counter() - started
     try:
-        check_prompts_fit(policy, tokenizer, problems, warmup_stages if config.sft_steps else stages, config)
+        longest_prompt = max(
+            check_prompts_fit(policy, tokenizer, problems, warmup_stages if config.sft_steps else stages, config),
+            check_prompts_fit(policy, tokenizer, eval_problems, {p.id: [""] for p in eval_problems}, config)
+            if eval_problems else 0)
     except DataError as error:
         sys.exit(f"error: {error}")
     if config.top_p < 1 and rank == 0:
@@ -844,17 +811,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     first_step = trainer_state["step"]
     last_step = config.total_steps if config.stop_after_steps is None else min(
         config.total_steps, first_step + config.stop_after_steps)
+    try:
+        engine = start_engine(config, train_policy, tokenizer, longest_prompt, device)
+    except ValueError as error:  # a setting the engine or this platform refuses, named
+        sys.exit(f"error: {error}")
     with Sandbox(workers=sandbox_workers(config), timeout=config.sandbox_timeout,
                  wall_timeout=config.sandbox_wall_timeout, memory_mb=config.sandbox_memory_mb, trace=not config.no_fgo,
                  stop_on_first_failure=config.no_fgo or config.fgo_coverage == "first_failure") as sandbox:
         if eval_problems and first_step == 0:
-            held_out_evaluation(train_policy, tokenizer, eval_problems, sandbox, config, device, 0, logger)
+            held_out_evaluation(engine, tokenizer, eval_problems, sandbox, config, 0, logger)
         started, evaluating = time.perf_counter(), logger.eval_seconds
         progress = tqdm(range(first_step, last_step), desc="ppo", unit="step", disable=rank != 0)
         for step in progress:
             timings: dict[str, float] = {}
             chosen = problem_batch(problems, trainer_state["position"], config, config.seed)
-            samples = collect_rollouts(train_policy, tokenizer, chosen, curriculum, sandbox, config, device, timings)
+            samples = collect_rollouts(engine, tokenizer, chosen, curriculum, sandbox, config, timings)
             start = time.perf_counter()
             batch = pad_batch(samples, tokenizer, config, device)
             experience = score_rollouts(train_policy, reference, train_critic, batch, config)
@@ -865,6 +836,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for scheduler in schedulers:
                 scheduler.step()
             timings["time_update_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            engine.sync(train_policy)  # the next rollouts (and evaluations) sample from the updated policy
+            timings["time_sync_s"] = time.perf_counter() - start
             if curriculum is not None:
                 for rollouts in all_gather([(s.problem.id, s.verdict == "pass", s.stage) for s in samples]):
                     for problem_id, passed, stage in rollouts:
@@ -879,12 +853,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "position": trainer_state["position"] + config.problems_per_step * world_size}
             if eval_problems and (step + 1 == config.total_steps or (config.eval_every and
                                                                       (step + 1) % config.eval_every == 0)):
-                held_out_evaluation(train_policy, tokenizer, eval_problems, sandbox, config, device, step + 1, logger)
+                held_out_evaluation(engine, tokenizer, eval_problems, sandbox, config, step + 1, logger)
             if (step + 1) % config.save_steps == 0 or step + 1 == last_step:
                 save_checkpoint(step + 1)
         if config.total_steps == 0:  # a warm-up-only run: its model, saved as any checkpoint is
             save_checkpoint(0)
         ppo_seconds = time.perf_counter() - started - (logger.eval_seconds - evaluating)
+    engine.close()
     if rank == 0:
         print(summarize(logger.history, build_seconds, last_step - first_step, ppo_seconds, logger.eval_seconds))
     report_evaluations(logger, config)

@@ -22,6 +22,7 @@ from stepcoder import train
 from stepcoder.config import parse_config
 from stepcoder.data import load_builtin
 from stepcoder.distributed import fsdp_units, setup, unwrap, world
+from stepcoder.engines import Sampling
 from stepcoder.models import build_default_model, build_default_tokenizer, make_critic, without_dropout
 
 ROWS = 8
@@ -78,7 +79,8 @@ def main(out: str, strategy: str) -> None:
     FSDPParamGroup.unshard = counting
     torch.manual_seed(123)
     prompts = [p.question[:60] for p in load_builtin().problems[:2]]
-    pairs = train.generate(train_policy, tokenizer, prompts, parse_config(ARGS + ["--max_new_tokens", "12"]), device)
+    engine = train.start_engine(config, train_policy, tokenizer, 0, device)  # the run's HF engine
+    pairs = [(g.prompt_ids, g.response_ids) for g in engine.generate(prompts, Sampling(12, config.temperature))]
     FSDPParamGroup.unshard = original
 
     samples = experience_rows(tokenizer)[rank::ranks]

@@ -183,14 +183,17 @@ def test_reach_equals_the_brute_force_curriculum_and_warns_when_it_cannot_move()
         per_step, rollouts = rng.randint(1, 6), rng.randint(1, 6)
         problems, window, steps = rng.randint(per_step, 40), rng.randint(1, 16), rng.randint(1, 30)
         counts = [rng.randint(1, 8) for _ in range(problems)]
-        if mode == "global":  # a problem past its last stage keeps counting towards the global window, a
-            counts = [max(counts)] * problems  # speed-up ``reach`` leaves out: same stage count for all
+        if mode == "global" or rng.random() < 0.5:  # global: a problem past its last stage keeps counting
+            counts = [max(counts)] * problems  # towards the window, a speed-up ``reach`` leaves out
         possible, _ = reach(mode, window, counts, steps, per_step * rollouts, rollouts)
         moved = simulate(mode, window, counts, steps, per_step, rollouts)
-        case = (mode, problems, per_step, rollouts, window, steps)
-        # exact when epochs end with steps; otherwise a problem drawn at the end of one epoch and the
-        # start of the next within one step gets two draws at one stage, which can advance it only once
-        assert moved == min(possible, max(counts) - 1) if problems % per_step == 0 else moved <= possible, case
+        case = (mode, problems, per_step, rollouts, window, steps, counts)
+        # exact when epochs end with steps and every problem has as many stages (otherwise the problems
+        # drawn once more than the rest may be ones with few stages: seen with 8 problems, 2 per step,
+        # 29 steps); and a problem drawn at the end of one epoch and the start of the next within one
+        # step gets two draws at one stage, which can advance it only once
+        exact = problems % per_step == 0 and len(set(counts)) == 1
+        assert moved == min(possible, max(counts) - 1) if exact else moved <= possible, case
     # the setting: 1000 problems, 8 per step, 4 rollouts, window 8, 80 steps: nothing moves
     stuck = reach_warning("per_problem", 8, [3] * 1000, 80, 32, 4)
     assert stuck is not None and "cannot advance at all" in stuck and "1000 problems" in stuck

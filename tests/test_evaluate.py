@@ -116,22 +116,23 @@ def test_model_samples_are_generated_and_judged(tmp_path):
 
 def test_greedy_decoding_with_several_samples_repeats_the_one_greedy_completion(tmp_path):
     """--temperature 0 --n 2 used to fail inside generate (greedy search cannot return 2 sequences)."""
-    from stepcoder.generation import load_model, sample
+    from stepcoder.engines import HFEngine, Sampling, completions
+    from stepcoder.generation import load_model
     from stepcoder.prompts import build_prompt
 
     _tiny_model(tmp_path / "model")
     model, tokenizer = load_model(str(tmp_path / "model"), device="cpu")
+    engine = HFEngine(model, tokenizer, "cpu")
     problems = load_builtin().problems[:3]
     prompts = [build_prompt(problem, tokenizer=tokenizer) for problem in problems]
-    greedy = list(sample(model, tokenizer, prompts, n=3, temperature=0.0, top_p=1.0, max_new_tokens=8, batch_size=4))
-    single = list(sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=8, batch_size=4))
+    greedy = list(completions(engine, tokenizer, prompts, 3, Sampling(8, 0.0), batch_size=4))
+    single = list(completions(engine, tokenizer, prompts, 1, Sampling(8, 0.0), batch_size=4))
     assert [texts[:1] * 3 for texts in single] == greedy
     summary = evaluate.main(["--model", str(tmp_path / "model"), "--n", "2", "--limit", "2", "--max_new_tokens", "8",
                              "--temperature", "0", "--workers", "1"])
     assert summary["num_programs"] == 4
     # top_k applies (top-1 sampling is greedy), and is off unless asked, as in the trainer
-    top1 = list(sample(model, tokenizer, prompts, n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=4,
-                       top_k=1))
+    top1 = list(completions(engine, tokenizer, prompts, 2, Sampling(8, 1.0, top_k=1), batch_size=4))
     assert [texts[:1] * 2 for texts in single] == top1
     arguments = evaluate.parse_args(["--canonical"])
     assert (arguments.top_k, arguments.top_p, arguments.max_new_tokens) == (0, 1.0, None)

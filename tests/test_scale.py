@@ -102,6 +102,27 @@ def test_the_planner_says_ddp_does_not_fit_and_fsdp2_does_for_deepseek_6_7b(tmp_
     assert sharded == pytest.approx(policy_weights / 8, rel=0.01)
 
 
+def test_the_planner_counts_a_colocated_vllm_engine(tmp_path, capsys):
+    """--rollout_engine vllm: the engine's bf16 weight copy (its tensor-parallel share) and the rest of
+    its share of the GPU, held all along, or only while generating with sleep mode; no HF KV cache."""
+    (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_6_7B))
+    common = ["--model_name_or_path", str(tmp_path), *README_FLAGS, "--nproc_per_node", "8", "--gpu_memory_gb", "80",
+              "--rollout_engine", "vllm", "--vllm_gpu_memory_utilization", "0.4", "--gradient_checkpointing"]
+    lines = {line.component: line for line in plan.main(common)}
+    weights = lines["vLLM weights (compute dtype, 1/1 per rank)"]
+    assert weights.bytes == pytest.approx(6.74e9 * 2, rel=0.01) and weights.phase == "static"
+    assert lines["vLLM KV cache and activations (the rest of 0.4 x 80 GB)"].bytes == pytest.approx(
+        0.4 * 80e9 - weights.bytes)
+    assert not any(name.startswith("KV cache") or "unsharded for generate" in name for name in lines)
+    split = {line.component: line for line in plan.main([*common, "--vllm_tensor_parallel_size", "2",
+                                                          "--vllm_enable_sleep_mode"])}
+    weights = split["vLLM weights (compute dtype, 1/2 per rank)"]
+    assert weights.bytes == pytest.approx(6.74e9, rel=0.01) and weights.phase == "generation"
+    capsys.readouterr()
+    plan.main([*common, "--vllm_gpu_memory_utilization", "0.1"])  # 8 GB cannot hold 13.5 GB of weights
+    assert "leaves no room for a KV cache" in capsys.readouterr().out
+
+
 def _bf16_model(directory: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -286,11 +286,12 @@ def test_config_file_values_and_errors(tmp_path):
 
 
 def test_ppo_on_the_builtin_problems_improves(tmp_path):
-    """The small model on the 48 built-in problems (the first default run), per-problem curriculum: pass
-    rate and reward of the last quarter of 40 steps beat the first."""
+    """The small model on the 48 built-in problems (the first default run), per-problem curriculum, 4
+    problems x 8 rollouts per step: pass rate and reward of the last quarter of 40 steps beat the first
+    (seeds 0, 1, 2: pass rate 0.40 -> 0.48, 0.34 -> 0.44, 0.40 -> 0.53; 85-100 s on 2 cores)."""
     history = train.main(["--data", "builtin", "--sft_steps", "150", "--output_dir", str(tmp_path / "default"),
-                          "--total_steps", "40", "--cccs_mode", "per_problem", "--cccs_threshold", "0.9",
-                          "--cccs_window", "8"])
+                          "--total_steps", "40", "--problems_per_step", "4", "--cccs_mode", "per_problem",
+                          "--cccs_threshold", "0.9", "--cccs_window", "8"])
     quarter = len(history) // 4
     first, last = history[:quarter], history[-quarter:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731

@@ -1,0 +1,106 @@
+"""The rollout importance weights against a float64 reference written from their definitions, and the
+trainer's use of them: a token's weight scales its policy loss, and the HF engine's rollouts get none."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from stepcoder import train
+from stepcoder.rollouts import importance_weights
+
+
+def reference_weights(old, engine, mask, mode, cap):
+    """Element by element, in Python floats (float64): min(exp(old - engine), cap) per token; for a
+    sequence, min(exp(sum of old - engine over its masked tokens), cap) on every token; 1 for none."""
+    rows, columns = len(old), len(old[0])
+    out = [[1.0] * columns for _ in range(rows)]
+    for i in range(rows):
+        if mode == "sequence":
+            total = sum(old[i][j] - engine[i][j] for j in range(columns) if mask[i][j] > 0)
+            out[i] = [min(math.exp(total), cap)] * columns
+        elif mode == "token":
+            out[i] = [min(math.exp(old[i][j] - engine[i][j]), cap) if mask[i][j] > 0 else 1.0 for j in range(columns)]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["none", "token", "sequence"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_importance_weights_match_the_definitions(mode, dtype):
+    rng = random.Random()
+    for _ in range(20):
+        rows, columns = rng.randint(1, 6), rng.randint(1, 12)
+        cap = rng.choice([1.0, 1.5, 2.0, 5.0])
+        engine = -torch.rand(rows, columns, dtype=torch.float64) * 6
+        scale = rng.choice([1e-6, 0.05, 0.5, 3.0])  # from near-identical engines to far-off ones
+        old = engine + scale * torch.randn(rows, columns, dtype=torch.float64)
+        mask = (torch.rand(rows, columns) > 0.3).double() * torch.rand(rows, columns, dtype=torch.float64).add(0.5)
+        got = importance_weights(old.to(dtype), engine.to(dtype), mask, mode, cap)
+        expected = torch.tensor(reference_weights(old.to(dtype).double().tolist(), engine.to(dtype).double().tolist(),
+                                                  mask.tolist(), mode, cap), dtype=torch.float64)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+        assert float(got.max()) <= cap * (1 + 1e-6)
+
+
+def test_importance_weights_do_not_overflow_and_refuse_unknown_modes():
+    old = torch.tensor([[500.0, 0.0]])
+    engine = torch.tensor([[-500.0, 0.0]])
+    mask = torch.ones(1, 2)
+    assert importance_weights(old, engine, mask, "sequence", 2.0).tolist() == [[2.0, 2.0]]
+    assert importance_weights(old, engine, mask, "token", 2.0).tolist() == [[2.0, 1.0]]
+    with pytest.raises(ValueError, match="rollout_is"):
+        importance_weights(old, engine, mask, "tokens", 2.0)
+
+
+def test_the_weight_scales_each_tokens_policy_loss_and_hf_rollouts_get_none():
+    """score_rollouts puts the weights in the experience; ppo_update's mask x weight is the per-token
+    loss weight: the loss with weights w equals the sum of w x each token's own loss."""
+    from stepcoder.config import parse_config
+    from stepcoder.data import load_builtin
+    from stepcoder.models import build_default_model, build_default_tokenizer
+
+    problems = load_builtin().problems[:2]
+    tokenizer = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
+    model = build_default_model(tokenizer, seed=3)
+    config = parse_config(["--output_dir", "unused", "--advantage", "grpo", "--rollouts_per_prompt", "2",
+                           "--kl_coef", "0", "--rollout_is", "token"])
+    samples = []
+    for problem in problems:
+        for length in (3, 5):
+            response = torch.randint(5, 100, (length,)).tolist()
+            samples.append(train.Sample(problem, 0, "", tokenizer(problem.question[:40])["input_ids"], response, "",
+                                        verdict=random.choice(["pass", "wrong_answer"]), fgo=[1] * length))
+    batch = train.pad_batch(samples, tokenizer, config, "cpu")
+    assert batch.engine_logp is None  # the HF engine records nothing: weights 1, nothing to compare
+    experience = train.score_rollouts(model, None, None, batch, config)
+    assert torch.equal(experience["is_weights"], torch.ones_like(experience["old_logp"]))
+    assert train.rollout_mismatch(batch, experience) == {"rollout_is_ratio_mean": 1.0}
+    for sample in samples:  # now as a vLLM engine reports them: near the learner's, not equal
+        sample.engine_logprobs = (torch.randn(len(sample.response_ids)) * 0.3 - 2).tolist()
+    batch = train.pad_batch(samples, tokenizer, config, "cpu")
+    experience = train.score_rollouts(model, None, None, batch, config)
+    expected = importance_weights(experience["old_logp"], batch.engine_logp, batch.policy_mask, "token", 2.0)
+    torch.testing.assert_close(experience["is_weights"], expected)
+    metrics = train.rollout_mismatch(batch, experience)
+    gap = (experience["old_logp"] - batch.engine_logp).abs()[batch.policy_mask > 0]
+    assert metrics["rollout_logprob_abs_diff_max"] == pytest.approx(float(gap.max()))
+    assert metrics["rollout_logprob_abs_diff_mean"] == pytest.approx(float(gap.mean()), rel=1e-5)
+    # the policy loss ppo_update computes with mask x weight, against each token's own loss times its weight
+    from stepcoder import kernels
+    from stepcoder.kernels.reference import logprobs_from_logits, ppo_token_losses
+
+    logits = torch.randn(*batch.responses.shape, 50, dtype=torch.float64)
+    labels = batch.responses.clamp(max=49)
+    old = experience["old_logp"].double() + 0.1 * torch.randn_like(experience["old_logp"].double())
+    advantages = torch.randn_like(old)
+    weights = experience["is_weights"].double()
+    tokens = float((batch.policy_mask > 0).sum())
+    loss, _ = kernels.ppo_policy_loss(logits, labels, old, advantages, batch.policy_mask.double() * weights,
+                                      normalizer=tokens)
+    logp, entropy = logprobs_from_logits(logits, labels, return_entropy=True)
+    each = ppo_token_losses(logp, entropy, old, advantages)["per_token"]
+    expected = (each * weights * batch.policy_mask.double()).sum() / tokens
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)

@@ -22,13 +22,34 @@ def run_in_root(arguments: list[str], extra_path: Path | None) -> subprocess.Com
                           timeout=300)
 
 
+STAND_IN = '''__version__ = "0.17.2"
+HUB = True
+
+
+class Anything:
+    """Whatever transformers takes from the package: a name, a decorator factory, a decorator."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return args[0] if len(args) == 1 and callable(args[0]) and not kwargs else Anything()
+
+    def __getattr__(self, name):
+        return Anything()
+
+
+def __getattr__(name):
+    return Anything
+'''
+
+
 def hub_kernels(directory: Path) -> Path:
     """A stand-in for Hugging Face's `kernels` 0.17 install: a package with its distribution metadata (which
     is what transformers checks before importing it), answering any name transformers imports from it."""
     package = directory / "kernels"
     package.mkdir(parents=True)
-    (package / "__init__.py").write_text('__version__ = "0.17.2"\nHUB = True\n\n\ndef __getattr__(name):\n'
-                                         '    return type(name, (), {})\n')
+    (package / "__init__.py").write_text(STAND_IN)
     info = directory / "kernels-0.17.2.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.17.2\n")

@@ -236,10 +236,8 @@ def policy_weights(model, dtype: torch.dtype, only_adapted_blocks: bool = False)
             continue
         tensor = _full(parameter)
         if owner and leaf == "weight" and adapted:
-            layer = layers[owner]
-            delta = _full(parameters[f"{owner}.lora_B.{lora.ADAPTER}.weight"]).float() @ \
-                _full(parameters[f"{owner}.lora_A.{lora.ADAPTER}.weight"]).float()
-            tensor = tensor.float() + layer.scaling[lora.ADAPTER] * (delta.T if layer.fan_in_fan_out else delta)
+            tensor = lora.merged(layers[owner], tensor, _full(parameters[f"{owner}.lora_A.{lora.ADAPTER}.weight"]),
+                                 _full(parameters[f"{owner}.lora_B.{lora.ADAPTER}.weight"]))
         yield plain, tensor.detach().to(dtype)
 
 

@@ -105,13 +105,18 @@ def plain_weights(model: nn.Module, state: dict[str, torch.Tensor], merge: bool)
             continue
         owner, _, leaf = key.rpartition(".base_layer.")
         if owner and merge and leaf == "weight":
-            layer = layers[owner]
-            delta = state[f"{owner}.lora_B.{ADAPTER}.weight"].double() @ state[f"{owner}.lora_A.{ADAPTER}.weight"].double()
-            delta = delta.T if layer.fan_in_fan_out else delta
-            tensor = (tensor.double() + layer.scaling[ADAPTER] * delta).to(tensor.dtype)
+            tensor = merged(layers[owner], tensor, state[f"{owner}.lora_A.{ADAPTER}.weight"],
+                            state[f"{owner}.lora_B.{ADAPTER}.weight"])
         name = f"{owner}.{leaf}" if owner else key
         weights[name.removeprefix(PREFIX)] = tensor
     return weights
+
+
+def merged(layer: LoraLayer, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W + scaling * B @ A (transposed for Conv1D), in float64, returned in W's dtype."""
+    delta = b.double() @ a.double()
+    delta = delta.T if layer.fan_in_fan_out else delta
+    return (weight.double() + layer.scaling[ADAPTER] * delta).to(weight.dtype)
 
 
 def adapter_shapes(model: nn.Module, r: int, targets: str) -> list[tuple[int, int]]:

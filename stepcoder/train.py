@@ -227,14 +227,14 @@ def rollout_mismatch(batch: Batch, experience: dict) -> dict:
     over the policy-loss tokens, and the mean importance weight there; all ranks together. The HF
     engine samples from the learner itself: its weights are 1, nothing to compare."""
     mask = (batch.policy_mask > 0).to(experience["old_logp"].dtype)
-    gap = torch.zeros_like(mask) if batch.engine_logp is None else (experience["old_logp"] - batch.engine_logp).abs()
-    sums = all_sum(torch.stack([(gap * mask).sum(), (experience["is_weights"] * mask).sum(), mask.sum()]).double())
-    largest = max(all_gather(float((gap * mask).max()) if mask.numel() else 0.0))
+    if batch.engine_logp is None:  # the same on every rank: all skip the collectives together
+        return {"rollout_is_ratio_mean": 1.0}
+    gap = (experience["old_logp"] - batch.engine_logp).abs() * mask
+    sums = all_sum(torch.stack([gap.sum(), (experience["is_weights"] * mask).sum(), mask.sum()]).double())
+    largest = max(all_gather(float(gap.max()) if gap.numel() else 0.0))
     tokens = max(float(sums[2]), 1.0)
-    metrics = {"rollout_is_ratio_mean": float(sums[1]) / tokens if float(sums[2]) else 1.0}
-    if batch.engine_logp is not None:
-        metrics.update(rollout_logprob_abs_diff_max=largest, rollout_logprob_abs_diff_mean=float(sums[0]) / tokens)
-    return metrics
+    return {"rollout_is_ratio_mean": float(sums[1]) / tokens if float(sums[2]) else 1.0,
+            "rollout_logprob_abs_diff_max": largest, "rollout_logprob_abs_diff_mean": float(sums[0]) / tokens}
 
 
 def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, config: TrainConfig,

@@ -155,6 +155,10 @@ class TrainConfig:
                                                                                "(default: 4 x sandbox_timeout "
                                                                                "+ 1)"})
     sandbox_memory_mb: int = 1024
+    sandbox_url: str | None = field(default=None, metadata={"help": "judge on python -m stepcoder.serve servers "
+                                                                    "instead of a local pool: URL[,URL...], each "
+                                                                    "http://host:port/t/TOKEN (or the token in "
+                                                                    "$STEPCODER_SERVE_TOKEN)"})
     # logging and checkpoints
     report_to: str = field(default="none", metadata={"help": "none or tensorboard"})
     sample_every: int = field(default=10, metadata={"help": "write sample completions every N steps"})
@@ -383,6 +387,13 @@ def validate(config: TrainConfig) -> None:
     if config.sandbox_wall_timeout is not None and not config.sandbox_wall_timeout >= config.sandbox_timeout:
         raise ConfigError(f"sandbox_wall_timeout: must be >= sandbox_timeout ({config.sandbox_timeout}), got "
                           f"{config.sandbox_wall_timeout}")
+    if config.sandbox_url is not None:
+        from stepcoder.remote import check_urls
+
+        try:
+            check_urls(config.sandbox_url)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if not config.eval_temperature >= 0:
         raise ConfigError(f"eval_temperature: must be >= 0, got {config.eval_temperature}")
     batch = config.problems_per_step * config.rollouts_per_prompt

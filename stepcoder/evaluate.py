@@ -31,7 +31,8 @@ from stepcoder.data import DIFFICULTIES, DataError, Problem, load_problems
 from stepcoder.generation import ENGINES
 from stepcoder.metrics import KS, pass_at_k
 from stepcoder.output import new_figure, save_figure, write_atomically
-from stepcoder.sandbox import VERDICTS, Sandbox
+from stepcoder.remote import check_urls, open_sandbox
+from stepcoder.sandbox import VERDICTS, Sandbox, SandboxError
 
 FAILURES = ("compile_error", "runtime_error", "wrong_answer", "timeout", "memory_limit", "output_limit", "violation")
 
@@ -76,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--wall_timeout", type=float, default=None,
                      help="wall-clock backstop per test for programs that sleep or block (default: 4 x --timeout + 1)")
     run.add_argument("--memory_mb", type=int, default=1024, help="address-space limit per test")
+    run.add_argument("--sandbox_url", metavar="URL[,URL...]", default=None,
+                     help="judge on python -m stepcoder.serve servers (http://host:port/t/TOKEN) instead of "
+                          "--workers local processes")
     run.add_argument("--output", metavar="DIR", help="write report.json, verdicts.jsonl and outcomes.png here")
     args = parser.parse_args(argv)
     for name, low in (("n", 1), ("limit", 1), ("max_new_tokens", 1), ("batch_size", 1), ("workers", 1),
@@ -87,6 +91,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--temperature must be >= 0, --top_p in (0, 1], --timeout > 0")
     if args.wall_timeout is not None and not args.wall_timeout >= args.timeout:
         parser.error(f"--wall_timeout must be >= --timeout ({args.timeout}), got {args.wall_timeout}")
+    if args.sandbox_url is not None:
+        try:
+            check_urls(args.sandbox_url)
+        except ValueError as error:
+            parser.error(str(error).replace("sandbox_url:", "--sandbox_url:"))
     if args.samples and not Path(args.samples).is_file():
         parser.error(f"--samples {args.samples}: no such file")
     if args.model:
@@ -359,8 +368,12 @@ def main(argv: list[str] | None = None) -> dict:
             sys.exit(f"error: {error}")
     labels = model_labels(args.model) if args.model else ["problems"]
     results: dict[str, tuple[dict, list[ProblemScore]]] = {}
-    with Sandbox(workers=args.workers, timeout=args.timeout, wall_timeout=args.wall_timeout, memory_mb=args.memory_mb,
-                 trace=False) as sandbox:
+    try:
+        sandbox = open_sandbox(args.sandbox_url, workers=args.workers, timeout=args.timeout,
+                               wall_timeout=args.wall_timeout, memory_mb=args.memory_mb, trace=False)
+    except SandboxError as error:  # no server answered, or one refused the token
+        sys.exit(f"error: --sandbox_url: {error}")
+    with sandbox:
         for label, path in zip(labels, models):
             try:
                 scores = judge(sandbox, candidates(args, problems, path), len(problems), label)

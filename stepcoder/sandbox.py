@@ -80,6 +80,7 @@ class TestResult:
     stderr: str
     detail: str | None = None
     timed_out_by: str | None = None  # "cpu" (the limit) or "wall" (the backstop) when the verdict is timeout
+    return_code: int | None = None   # the exit status a shell would see (-N: killed by signal N)
 
 
 @dataclass
@@ -110,12 +111,26 @@ class _WorkerLost(Exception):
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one job is judged under. A pool's settings are the defaults; ``submit`` and ``run_many``
+    take any of them per job (a server judging for many clients with different settings)."""
+
+    timeout: float
+    wall_timeout: float
+    memory_mb: int
+    trace: bool
+    stop_on_first_failure: bool
+    tail_bytes: int = TAIL_BYTES  # how much of each test's stdout and stderr a result keeps
+
+
+@dataclass(frozen=True)
 class _Job:
     program: str
     tests: tuple[TestCase, ...]
     kind: str
     entry: str | None
     setup: str
+    limits: Limits
 
 
 class Sandbox:
@@ -159,8 +174,8 @@ class Sandbox:
         self.trace = trace
         self.stop_on_first_failure = stop_on_first_failure
         self.output_bytes = output_bytes
-        self._limits = {"memory_bytes": memory_mb << 20, "output_bytes": output_bytes, "open_files": open_files,
-                        "processes": processes}
+        self.defaults = Limits(self.timeout, self.wall_timeout, memory_mb, trace, stop_on_first_failure)
+        self._limits = {"output_bytes": output_bytes, "open_files": open_files, "processes": processes}
         self._site_dirs = [d for d in site.getsitepackages() if os.path.isdir(d)] if site_packages else []
         self._namespaces = namespaces
         self._dev_null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # stdin of call-based tests
@@ -209,30 +224,68 @@ class Sandbox:
         return [worker.pid for worker in self._all if worker.alive]
 
     def run(self, program: str, tests: Sequence[TestCase], kind: str = "stdin", entry: str | None = None,
-            setup: str = "") -> Result:
+            setup: str = "", **limits) -> Result:
         """Judges one program against its tests.
 
         `setup` is code run (untraced) in the program's namespace before it: the implicit imports of
-        LeetCode-style problems, say. It never shifts the program's line numbers.
+        LeetCode-style problems, say. It never shifts the program's line numbers. Keyword arguments
+        override the pool's ``Limits`` for this job (``timeout``, ``wall_timeout``, ``memory_mb``,
+        ``trace``, ``stop_on_first_failure``, ``tail_bytes``).
         """
-        return self.run_many([(program, tests, kind, entry, setup)])[0]
+        return self.run_many([(program, tests, kind, entry, setup)], **limits)[0]
 
     def submit(self, program: str, tests: Sequence[TestCase], kind: str = "stdin", entry: str | None = None,
-               setup: str = "") -> Future:
+               setup: str = "", **limits) -> Future:
         """Like ``run``, but returns at once with a Future of the Result (to judge while generating)."""
-        job = _check_job(0, (program, tests, kind, entry, setup))
+        job = _check_job(0, (program, tests, kind, entry, setup), self.limits(**limits))
         return self._submit(job)
 
-    def run_many(self, jobs: Iterable[tuple], progress: bool = False) -> list[Result]:
+    def run_many(self, jobs: Iterable[tuple], progress: bool = False, **limits) -> list[Result]:
         """Judges many ``(program, tests[, kind[, entry[, setup]]])`` jobs in parallel; results in order."""
-        checked = [_check_job(index, job) for index, job in enumerate(jobs)]
-        futures = [self._submit(job) for job in checked]
+        jobs = list(jobs)
+        futures = self.submit_many(jobs, [limits] * len(jobs))
         if progress:
             from tqdm.auto import tqdm
 
             for future in tqdm(futures, desc="sandbox", unit="program"):
                 future.result()
         return [future.result() for future in futures]
+
+    def submit_many(self, jobs: Sequence[tuple], limits: Sequence[dict]) -> list[Future]:
+        """Futures of many jobs' Results, each job with its own limit overrides. Every job is checked
+        before any is submitted: one bad job raises ValueError (naming it) and nothing runs."""
+        _require(len(limits) == len(jobs), f"{len(jobs)} jobs but {len(limits)} limit overrides")
+        checked = []
+        for index, (job, overrides) in enumerate(zip(jobs, limits)):
+            try:
+                resolved = self.limits(**overrides)
+            except ValueError as error:
+                raise ValueError(f"job {index}: {error}") from None
+            checked.append(_check_job(index, job, resolved))
+        return [self._submit(job) for job in checked]
+
+    def limits(self, **overrides) -> Limits:
+        """The pool's defaults with `overrides`, checked. A new ``timeout`` without a ``wall_timeout``
+        brings the default backstop for it (``4 x timeout + 1``)."""
+        unknown = set(overrides) - set(Limits.__dataclass_fields__)
+        _require(not unknown, f"unknown limit(s) {sorted(unknown)}; expected {list(Limits.__dataclass_fields__)}")
+        given = {name: value for name, value in overrides.items() if value is not None}
+        if not given:
+            return self.defaults
+        timeout = given.get("timeout", self.timeout)
+        _require(_positive(timeout), f"timeout must be a positive number of seconds, got {timeout!r}")
+        if "wall_timeout" not in given:
+            given["wall_timeout"] = WALL_FACTOR * timeout + WALL_SLACK if "timeout" in given else self.wall_timeout
+        wall = given["wall_timeout"]
+        _require(_positive(wall) and wall >= timeout,
+                 f"wall_timeout must be a number of seconds >= timeout ({timeout!r}), got {wall!r}")
+        memory = given.get("memory_mb", self.defaults.memory_mb)
+        _require(type(memory) is int and memory >= 64, f"memory_mb must be an int >= 64, got {memory!r}")
+        for flag in ("trace", "stop_on_first_failure"):
+            _require(type(given.get(flag, False)) is bool, f"{flag} must be a bool, got {given.get(flag)!r}")
+        tail = given.get("tail_bytes", TAIL_BYTES)
+        _require(type(tail) is int and tail >= 0, f"tail_bytes must be an int >= 0, got {tail!r}")
+        return Limits(**{**self.defaults.__dict__, **given, "timeout": float(timeout), "wall_timeout": float(wall)})
 
     # ----------------------------------------------------------------------------------------------
 
@@ -286,11 +339,13 @@ class Sandbox:
     def _judge(self, worker: _WorkerProcess, job: _Job) -> Result:
         """Each test: the program, input and empty output files go to the worker as memfds; the child
         compiles and runs; its outputs are read back here. The worker never holds a job's data."""
-        stretch = C_TRACER_SLOWDOWN if self.trace and worker.layers["line_tracer"] == "c-trace" else 1.0
-        cpu, wall = self.timeout * stretch, self.wall_timeout * stretch
+        given = job.limits
+        stretch = C_TRACER_SLOWDOWN if given.trace and worker.layers["line_tracer"] == "c-trace" else 1.0
+        cpu, wall = given.timeout * stretch, given.wall_timeout * stretch
         # RLIMIT_CPU stays as the kernel's own backstop, a second past the limit the worker enforces
-        limits = dict(self._limits, timeout=cpu, wall_timeout=wall, cpu_seconds=math.ceil(cpu) + 1)
-        message = {"op": "test", "kind": job.kind, "entry": job.entry, "setup": job.setup, "trace": self.trace,
+        limits = dict(self._limits, timeout=cpu, wall_timeout=wall, cpu_seconds=math.ceil(cpu) + 1,
+                      memory_bytes=given.memory_mb << 20)
+        message = {"op": "test", "kind": job.kind, "entry": job.entry, "setup": job.setup, "trace": given.trace,
                    "limits": limits, "lines": _line_count(job.program)}
         tests: list[TestResult] = []
         compiler_warnings: list[str] = []
@@ -311,9 +366,9 @@ class Sandbox:
                     return Result("compile_error", detail=str(report.get("detail"))[:500])
                 if index == 0 and report is not None:
                     compiler_warnings = _warnings_of(report)
-                tests.append(self._classify(raw, test, job.kind, outputs, report))
+                tests.append(self._classify(raw, test, job.kind, outputs, report, given.tail_bytes))
                 lines = raw["executed_lines"]
-                if tests[-1].verdict != "pass" and self.stop_on_first_failure:
+                if tests[-1].verdict != "pass" and given.stop_on_first_failure:
                     break
         failure = next((t for t in tests if t.verdict != "pass"), None)
         if failure is None:
@@ -321,7 +376,7 @@ class Sandbox:
         return Result(failure.verdict, tests, lines, failure.detail, compiler_warnings)
 
     def _classify(self, raw: dict, test: TestCase, kind: str, outputs: tuple[bytes, bytes, bytes],
-                  report: dict | None) -> TestResult:
+                  report: dict | None, tail: int) -> TestResult:
         if raw["setup_error"] is not None:
             raise SandboxError(f"a test child could not be isolated: {raw['setup_error']}")
         stdout, stderr, result = outputs
@@ -329,8 +384,8 @@ class Sandbox:
         if verdict is None:
             verdict, detail = _compare(kind, test, stdout, report)
         timed_out_by = (raw["timed_out"] or "cpu") if verdict == "timeout" else None  # no flag: SIGXCPU
-        return TestResult(verdict, raw["wall_seconds"], raw["cpu_seconds"], raw["max_rss_kb"], _tail(stdout),
-                          _tail(stderr), detail, timed_out_by)
+        return TestResult(verdict, raw["wall_seconds"], raw["cpu_seconds"], raw["max_rss_kb"], _tail(stdout, tail),
+                          _tail(stderr, tail), detail, timed_out_by, _return_code(raw, report))
 
 
 class _Memfd:
@@ -505,8 +560,24 @@ def _parse_report(data: bytes) -> dict | None:
     return report if type(report) is dict else None
 
 
-def _tail(data: bytes) -> str:
-    return data[-TAIL_BYTES:].decode("utf-8", "replace")
+def _tail(data: bytes, size: int) -> str:
+    return data[max(0, len(data) - size):].decode("utf-8", "replace") if size else ""
+
+
+def _return_code(raw: dict, report: dict | None) -> int:
+    """What ``python program.py`` would have exited with: -N when killed by signal N, the program's own
+    exit code, 1 for an uncaught exception (the child itself reports and exits 0)."""
+    if raw["signal"]:
+        return -raw["signal"]
+    if report is None:
+        return raw["exit_code"]
+    status = report.get("status")
+    if status == "ok":
+        return 0
+    if status == "exit":  # detail is "SystemExit(code)"; a non-int code prints and exits 1, as Python does
+        code = str(report.get("detail"))[len("SystemExit("):-1]
+        return int(code) if code.lstrip("-").isdigit() and len(code) < 10 else (0 if code == "None" else 1)
+    return 1
 
 
 def _positive(value) -> bool:
@@ -518,7 +589,7 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _check_job(index: int, job) -> _Job:
+def _check_job(index: int, job, limits: Limits) -> _Job:
     where = f"job {index}"
     _require(isinstance(job, (tuple, list)) and 2 <= len(job) <= 5,
              f"{where}: expected (program, tests[, kind[, entry[, setup]]]), got {type(job).__name__}")
@@ -535,8 +606,8 @@ def _check_job(index: int, job) -> _Job:
     if setup:
         try:
             _worker.compile_quietly(setup, "<setup>")
-        except SyntaxError as error:
-            raise ValueError(f"{where}: the setup code does not compile: {error}") from None
+        except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as error:
+            raise ValueError(f"{where}: the setup code does not compile: {error!r}") from None
     _require(isinstance(tests, (list, tuple)) and len(tests) > 0, f"{where}: tests must be a non-empty list")
     for number, test in enumerate(tests):
         at = f"{where}, test {number}"
@@ -549,11 +620,11 @@ def _check_job(index: int, job) -> _Job:
             _require(test.expected is None, f"{at}: assert tests have no expected value (passing = no exception)")
             try:
                 _worker.compile_quietly(test.input, "<test>")
-            except SyntaxError as error:
-                raise ValueError(f"{at}: the test code does not compile: {error}") from None
+            except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as error:
+                raise ValueError(f"{at}: the test code does not compile: {error!r}") from None
         else:
             _require(isinstance(test.input, (list, tuple)), f"{at}: input must be the argument list")
-    return _Job(program, tuple(tests), kind, entry, setup)
+    return _Job(program, tuple(tests), kind, entry, setup, limits)
 
 
 class _WorkerProcess:

@@ -71,7 +71,8 @@ from stepcoder.models import (
 from stepcoder.output import write_atomically
 from stepcoder.prompts import CODE_FENCE, build_prompt, chat_option
 from stepcoder.rollouts import Sample, collect_rollouts, importance_weights, reward_of
-from stepcoder.sandbox import Sandbox
+from stepcoder.remote import open_sandbox
+from stepcoder.sandbox import Sandbox, SandboxError
 from stepcoder.schedules import learning_rate_factor
 
 
@@ -815,9 +816,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         engine = start_engine(config, train_policy, tokenizer, longest_prompt, device)
     except ValueError as error:  # a setting the engine or this platform refuses, named
         sys.exit(f"error: {error}")
-    with Sandbox(workers=sandbox_workers(config), timeout=config.sandbox_timeout,
-                 wall_timeout=config.sandbox_wall_timeout, memory_mb=config.sandbox_memory_mb, trace=not config.no_fgo,
-                 stop_on_first_failure=config.no_fgo or config.fgo_coverage == "first_failure") as sandbox:
+    try:
+        sandbox = open_sandbox(config.sandbox_url, workers=sandbox_workers(config), timeout=config.sandbox_timeout,
+                               wall_timeout=config.sandbox_wall_timeout, memory_mb=config.sandbox_memory_mb,
+                               trace=not config.no_fgo,
+                               stop_on_first_failure=config.no_fgo or config.fgo_coverage == "first_failure")
+    except SandboxError as error:  # no server answered, or one refused the token
+        sys.exit(f"error: sandbox_url: {error}")
+    with sandbox:
         if eval_problems and first_step == 0:
             held_out_evaluation(engine, tokenizer, eval_problems, sandbox, config, 0, logger)
         started, evaluating = time.perf_counter(), logger.eval_seconds

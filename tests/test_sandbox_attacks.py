@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 from conftest import descendants, settled
+from serving import sandbox_pool
 from trace_reference import settrace_lines
 
 from stepcoder._worker import _world_readable
@@ -33,14 +34,16 @@ def assert_pool_healthy(sb: Sandbox) -> None:
         assert settled(pid), f"stray processes under worker {pid}: {descendants(pid)}"
 
 
-@pytest.fixture(scope="module")
-def guarded():
-    with Sandbox(workers=2, timeout=1.0) as sb:
+@pytest.fixture(scope="module", params=["local", "served"])
+def guarded(request):
+    """The pool the attacks below run in: a local Sandbox, and the same behind ``python -m stepcoder.serve``
+    (jobs through ``/judge``, results back over HTTP)."""
+    with sandbox_pool(request.param) as sb:
         yield sb
 
 
-def judge(sb: Sandbox, program: str, expected: str = "") -> str:
-    result = sb.run(program, [TestCase("", expected)])
+def judge(sb: Sandbox, program: str, expected: str = "", **limits) -> str:
+    result = sb.run(program, [TestCase("", expected)], **limits)
     assert_pool_healthy(sb)
     return result.verdict
 
@@ -110,7 +113,7 @@ def test_a_loop_ignoring_every_catchable_signal_times_out(guarded):
             pass
     """)
     assert judge(guarded, program) == "timeout"
-    assert judge(guarded, "import time\ntime.sleep(60)\n") == "timeout"
+    assert judge(guarded, "import time\ntime.sleep(60)\n", wall_timeout=1.5) == "timeout"  # the wall backstop
 
 
 def test_ptrace_and_process_memory_are_refused(guarded):
@@ -461,14 +464,15 @@ def _earlier_jobs(secret: str) -> list[tuple]:
     return [(f"print({secret!r} + ' ' * {pad})\n", [TestCase("", secret + "\n")]) for pad in EARLIER_PADS]
 
 
+@pytest.mark.parametrize("pool", ["local", "served"])
 @pytest.mark.parametrize("scanner", ["proc_maps", "probe_without_proc"])
-def test_an_earlier_jobs_output_cannot_be_read_from_memory(scanner, no_new_processes):
+def test_an_earlier_jobs_output_cannot_be_read_from_memory(scanner, pool, no_new_processes):
     """Attack 2: job A prints a secret (and passes); job B, on the same one-worker pool, whose expected
     output is that secret, scans its own memory (inherited from the worker that handled A's output) for
     the secret's pattern and prints it: (a) over the regions of /proc/self/maps, (b) without /proc, by
     probing pages around known addresses with write() into a pipe."""
     secret = _secret()
-    with Sandbox(workers=1, timeout=1.0) as sb:
+    with sandbox_pool(pool, workers=1) as sb:
         for program, tests in _earlier_jobs(secret):
             assert sb.run(program, tests).verdict == "pass"
         scan = SCAN_MAPS if scanner == "proc_maps" else SCAN_PROBE

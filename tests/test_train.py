@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepcoder import kernels, train
+from stepcoder import kernels, remote, train
 from stepcoder.config import ConfigError, parse_config
 from stepcoder.data import DataError, load_builtin
 from stepcoder.models import build_default_model, build_default_tokenizer, make_critic
@@ -229,7 +229,7 @@ def test_fgo_coverage_chooses_how_many_tests_run(tmp_path, monkeypatch, coverage
             made.append(kwargs)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(train, "Sandbox", Recorded)
+    monkeypatch.setattr(remote, "Sandbox", Recorded)  # the trainer opens its pool through remote.open_sandbox
     run(tmp_path, "--total_steps", "1", "--sft_steps", "0", "--max_new_tokens", "4", "--fgo_coverage", coverage)
     assert made[0]["stop_on_first_failure"] is stops
     assert parse_config(["--output_dir", "x"]).fgo_coverage == "all_tests"

@@ -49,6 +49,21 @@ def prefixes(source: str, loops: bool = False) -> list[str]:
     return result + [""]
 
 
+def problem_stages(problems, loops: bool = False) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Each problem's CCCS prefixes (longest first, ending with "" for full generation), and the
+    problems whose canonical solution does not parse (id -> error), which get full generation only."""
+    stages, unparsed = {}, {}
+    for problem in problems:
+        stages[problem.id] = [""]
+        if not problem.solutions:
+            continue
+        try:
+            stages[problem.id] = prefixes(problem.solutions[0], loops)
+        except (SyntaxError, ValueError) as error:
+            unparsed[problem.id] = str(error)
+    return stages, unparsed
+
+
 @dataclass
 class Curriculum:
     """Which CCCS stage each problem is at, advanced by recent pass rates.

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from stepcoder import checkpoint, kernels, lora
 from stepcoder.advantages import gae_advantages, group_advantages
-from stepcoder.cccs import Curriculum, prefixes, reach_warning
+from stepcoder.cccs import Curriculum, problem_stages, reach_warning
 from stepcoder.config import ConfigError, TrainConfig, parse_config, to_json
 from stepcoder.data import DataError, Problem, load_problems
 from stepcoder.distributed import (
@@ -600,17 +600,13 @@ def cccs_stages(problems: list[Problem], config: TrainConfig) -> dict[str, list[
     """Each problem's CCCS prefixes (longest first, ending with "" for full generation); with --no_cccs,
     or for a problem without a canonical solution that parses, full generation only (with a warning
     naming the problem: an APPS solution in Python 2, say)."""
-    stages = {}
-    for problem in problems:
-        stages[problem.id] = [""]
-        if config.no_cccs or not problem.solutions:
-            continue
-        try:
-            stages[problem.id] = prefixes(problem.solutions[0], config.cccs_loops)
-        except (SyntaxError, ValueError) as error:
-            if world()[0] == 0:
-                print(f"warning: {problem.id}: the canonical solution does not parse ({error}); this problem is "
-                      "trained at full generation only", file=sys.stderr)
+    if config.no_cccs:
+        return {problem.id: [""] for problem in problems}
+    stages, unparsed = problem_stages(problems, config.cccs_loops)
+    for problem, error in unparsed.items():
+        if world()[0] == 0:
+            print(f"warning: {problem}: the canonical solution does not parse ({error}); this problem is "
+                  "trained at full generation only", file=sys.stderr)
     return stages
 
 

@@ -144,10 +144,9 @@ def run_arm(arm: str, seed: int, shared: list[str], output: Path, launcher: str,
     folder = output / arm / f"seed-{seed}"
     if (folder / "eval_summary.json").exists():
         return folder
+    # the folder is this arm's own: continue from its newest intact checkpoint, or start over in it
     argv = [*shlex.split(launcher), "-m", "stepcoder.train", *shared, *ARMS[arm], "--seed", str(seed),
-            "--output_dir", str(folder)]
-    if any(folder.glob("checkpoint-*")):
-        argv += ["--resume_from_checkpoint", "latest"]
+            "--output_dir", str(folder), "--resume_from_checkpoint", "latest"]
     say(f"{arm} seed {seed}: {shlex.join(argv)}")
     folder.mkdir(parents=True, exist_ok=True)
     env, began = dict(os.environ), time.perf_counter()

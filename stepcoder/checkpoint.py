@@ -6,6 +6,8 @@ into place.
                                LoRA the adapters and the value head only) and their optimizer states,
                                sharded as the run holds them (each rank writes its own)
         schedulers.pt, curriculum.json, trainer_state.json, config.json, rng_rank<R>.pt
+        manifest.json          written last: every other file's size and SHA-256, the step, the code
+                               version; resume checks it first (``find``)
         policy/                a plain transformers directory with the tokenizer, in the checkpoint's dtype
                                (with LoRA: the adapter merged in)
         adapter/               LoRA runs: the policy's adapter as peft saves it (PeftModel.from_pretrained)
@@ -20,12 +22,15 @@ weights, ``reference/`` or the base checkpoint, and a new adapter), shards or re
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -142,11 +147,13 @@ def save(output: Path, step: int, models: dict, tokenizer, optimizers, scheduler
         (staging / "curriculum.json").write_text(json.dumps(curriculum.state_dict() if curriculum else None))
         (staging / "trainer_state.json").write_text(json.dumps(dict(trainer_state, step=step), indent=2))
         (staging / "config.json").write_text(config_json)
+        write_manifest(staging, step)  # last: a folder with a manifest that checks out is whole
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        kept = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in kept[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        kept = checkpoints(output)
+        if damage(final, hashes=False) is None:  # never prune while the newest is not whole
+            for old in kept[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
@@ -177,10 +184,93 @@ def _one_process_is_fine() -> Iterator[None]:
         yield
 
 
+MANIFEST = "manifest.json"
+HASH_THREADS = 8  # files hash in parallel (hashlib releases the GIL): a 7B checkpoint is ~100 GB
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the checkpoint and the file."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """manifest.json: each file's size and SHA-256, the step and the code version."""
+    from stepcoder import __version__
+
+    files = _files(folder)
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        digests = list(pool.map(_sha256, files))
+    entries = {str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": digest}
+               for path, digest in zip(files, digests)}
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "stepcoder": __version__, "files": entries}, indent=1))
+
+
+def damage(folder: Path, hashes: bool = True) -> str | None:
+    """What is wrong with a checkpoint (naming the file), or None when every file its manifest lists is
+    there with its size (and, with `hashes`, its SHA-256)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        entries = manifest["files"]
+    except FileNotFoundError:
+        return f"{folder / MANIFEST} is missing (the checkpoint was not finished, or predates manifests)"
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{folder / MANIFEST} is unreadable ({type(error).__name__}: {error})"
+    for name, entry in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+    if hashes:
+        paths = [folder / name for name in entries]
+        with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+            for path, digest in zip(paths, pool.map(_sha256, paths)):
+                if digest != entries[str(path.relative_to(folder))]["sha256"]:
+                    return f"{path} does not match its SHA-256 in the manifest (the file was changed or damaged)"
+    return None
+
+
+def checkpoints(output: Path) -> list[Path]:
+    """checkpoint-N folders, oldest first."""
+    found = [path for path in output.glob("checkpoint-*") if path.is_dir() and path.name[11:].isdigit()]
+    return sorted(found, key=lambda path: int(path.name[11:]))
+
+
 def find(output_dir: str, resume_from: str | None) -> Path | None:
+    """The checkpoint to resume from, verified against its manifest. `latest`: the newest intact one
+    (each damaged one skipped is said, with why); a path: that one, or CheckpointError naming the file."""
     if resume_from is None:
         return None
     if resume_from != "latest":
+        problem = _check(Path(resume_from))
+        if problem is not None:
+            raise CheckpointError(f"cannot resume from {resume_from}: {problem}")
         return Path(resume_from)
-    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
+    for candidate in reversed(checkpoints(Path(output_dir))):
+        problem = _check(candidate)
+        if problem is None:
+            return candidate
+        if world()[0] == 0:
+            print(f"warning: skipping {candidate}: {problem}", file=sys.stderr)
+    return None
+
+
+def _check(folder: Path) -> str | None:
+    """``damage``, except that a checkpoint written before manifests existed is taken, unverified."""
+    if folder.is_dir() and not (folder / MANIFEST).exists() and (folder / "trainer_state.json").exists():
+        if world()[0] == 0:
+            print(f"warning: {folder} has no {MANIFEST} (written before checkpoints carried one): resuming from it "
+                  "unverified", file=sys.stderr)
+        return None
+    return damage(folder)

@@ -164,7 +164,11 @@ class TrainConfig:
     sample_every: int = field(default=10, metadata={"help": "write sample completions every N steps"})
     save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
     save_total_limit: int = 2
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir, or 'latest'"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir, or 'latest' (the "
+                                                                                "newest intact one in output_dir)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start a new run in an output_dir that holds "
+                                                                        "another: its folder is moved aside to "
+                                                                        "DIR.previous-TIME, not deleted"})
     stop_after_steps: int | None = field(default=None, metadata={"help": "exit after this many steps of this run "
                                                                            "(e.g. to test resuming)"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
@@ -268,7 +272,8 @@ def _convert(name: str, value, source: str):
             raise ValueError(value)
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source} {name}: expected {kind.__name__}, got {value!r}") from None
+        where = f"--{name}" if source == "--" else f"{source} {name}"  # a flag, or a key of a --config file
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
 
 
 def _optional() -> set[str]:
@@ -406,6 +411,9 @@ def validate(config: TrainConfig) -> None:
     if config.model_name_or_path is not None and not Path(config.model_name_or_path).is_dir():
         raise ConfigError(f"model_name_or_path: {config.model_name_or_path} is not a local directory "
                           "(nothing is downloaded)")
+    if config.model_name_or_path is not None and not (Path(config.model_name_or_path) / "config.json").is_file():
+        raise ConfigError(f"model_name_or_path: {config.model_name_or_path} has no config.json, so it is not a "
+                          "transformers model directory (save one with model.save_pretrained(DIR))")
     if config.resume_from_checkpoint not in (None, "latest") and not Path(config.resume_from_checkpoint).is_dir():
         raise ConfigError(f"resume_from_checkpoint: {config.resume_from_checkpoint} is not a directory")
 

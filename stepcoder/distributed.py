@@ -40,6 +40,15 @@ def all_gather(obj) -> list:
     return gathered
 
 
+def broadcast(obj):
+    """Rank 0's `obj`, on every rank."""
+    if world()[1] == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()

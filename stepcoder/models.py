@@ -31,13 +31,13 @@ def build_default_tokenizer(texts: list[str], vocab_size: int = 1024):
                                    padding_side="left")
 
 
-def build_default_model(tokenizer, seed: int, n_layer: int = 2, n_embd: int = 128):
-    """A GPT-2 from a config (by default 2 layers, 128 wide, 4 heads), without dropout: small enough to
-    train on 2 CPU cores."""
+def build_default_model(tokenizer, seed: int, n_layer: int = 2, n_embd: int = 128, n_positions: int = 1024):
+    """A GPT-2 from a config (by default 2 layers, 128 wide, 4 heads, 1024 positions), without dropout:
+    small enough to train on 2 CPU cores."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=n_embd, n_layer=n_layer, n_head=4,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return GPT2LMHeadModel(config)

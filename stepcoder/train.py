@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stepcoder import checkpoint, kernels, lora
+from stepcoder import checkpoint, kernels, lora, rundir
 from stepcoder.advantages import gae_advantages, group_advantages
 from stepcoder.cccs import Curriculum, problem_stages, reach_warning
 from stepcoder.config import ConfigError, TrainConfig, parse_config, to_json
@@ -43,6 +43,7 @@ from stepcoder.distributed import (
     all_gather,
     all_sum,
     autocast,
+    broadcast,
     compute_dtype,
     no_sync,
     replicate,
@@ -383,16 +384,20 @@ class Logger:
         self.board = None
         if not self.enabled:
             return
-        metrics = self.output / "metrics.jsonl"
-        if resumed_at is not None and metrics.exists():
+        metrics, samples = self.output / "metrics.jsonl", self.output / "samples.jsonl"
+        if resumed_at is not None:
             # Steps after the checkpoint were lost with the interrupted run; they are done again.
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            rows = [row for row in rows if row["step"] <= resumed_at]
+            dropped = [rundir.keep_rows_through(path, resumed_at) for path in (metrics, samples)]
+            if any(dropped):
+                print(f"resuming at step {resumed_at}: dropped {dropped[0]} metrics rows and {dropped[1]} sample rows "
+                      "that the interrupted run wrote after it")
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+                if metrics.exists() else []
             self.history = [row for row in rows if "eval_pass@1" not in row]
             self.evals = [row for row in rows if "eval_pass@1" in row]
-            metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
         else:
             metrics.write_text("")
+            samples.write_text("")
         if config.report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -620,8 +625,30 @@ def tokenizer_corpus(problems: list[Problem]) -> list[str]:
             for problem in problems for solution in problem.solutions]
 
 
+def context_needed(problems: list[Problem], stages: dict[str, list[str]], tokenizer, config: TrainConfig,
+                   eval_problems: list[Problem] = ()) -> dict[str, int]:
+    """Per problem, the positions it needs: its longest warm-up example (prompt + the rest of the solution,
+    with --sft_steps), and its longest prompt plus --max_new_tokens (held-out problems: full generation)."""
+    chat = chat_option(config.chat)
+    needed = {}
+    for problem in problems:
+        prompt = len(encode_prompts(tokenizer, [build_prompt(problem, stages[problem.id][0], tokenizer, chat)])
+                     ["input_ids"][0])
+        examples = warmup_examples([problem], stages, tokenizer, chat) if config.sft_steps else []
+        needed[problem.id] = max([prompt + config.max_new_tokens] + [len(p) + len(t) for p, t in examples])
+    for problem in eval_problems:
+        prompt = encode_prompts(tokenizer, [build_prompt(problem, "", tokenizer, chat)])["input_ids"][0]
+        needed[problem.id] = max(needed.get(problem.id, 0), len(prompt) + config.max_new_tokens)
+    return needed
+
+
+def context_of(model) -> int | None:
+    return next((getattr(model.config, name) for name in ("max_position_embeddings", "n_positions")
+                 if getattr(model.config, name, None)), None)
+
+
 def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str, list[str]],
-                 resume_from: Path | None, device) -> tuple:
+                 resume_from: Path | None, device, eval_problems: list[Problem] = ()) -> tuple:
     """(policy, reference, tokenizer, save_reference, export_dtype), before any wrapping. The policy is
     in fp32 (the optimizer's master weights, whatever dtype the checkpoint is stored in, which is
     `export_dtype`); the frozen reference in the compute dtype. The reference is the starting policy:
@@ -643,11 +670,22 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
         if keep_reference and not adapted:
             reference = load_reference(base, tokenizer, dtype=torch.float32)
     else:
-        if fresh:
+        if fresh:  # its context: 1024 positions, or as many as the data needs (APPS+), in steps of 64
             tokenizer = build_default_tokenizer(tokenizer_corpus(problems))
-            policy = build_default_model(tokenizer, config.seed, config.n_layer, config.n_embd)
+            longest = max(context_needed(problems, stages, tokenizer, config, eval_problems).values(), default=0)
+            policy = build_default_model(tokenizer, config.seed, config.n_layer, config.n_embd,
+                                         max(1024, -(-longest // 64) * 64))
         else:
             policy, tokenizer = load_model(config.model_name_or_path, dtype=torch.float32)
+            if config.sft_steps and context_of(policy) is not None:
+                limit = context_of(policy)
+                over = {ident: size for ident, size in context_needed(problems, stages, tokenizer, config).items()
+                        if size > limit}
+                if over:
+                    ident, size = max(over.items(), key=lambda item: item[1])
+                    raise DataError(f"{len(over)} problems need more than the model's {limit} positions for the "
+                                    f"warm-up or generation (e.g. {ident}: {size}); lower --max_new_tokens, leave "
+                                    "them out (--limit, --difficulty), or use a model with a longer context")
         without_dropout(policy).to(device)
         if config.sft_steps:
             loss = supervised_warmup(policy, tokenizer, problems, stages, config, device)
@@ -694,8 +732,7 @@ def check_prompts_fit(model, tokenizer, problems: list[Problem], stages: dict[st
     chat = chat_option(config.chat)
     longest = {p.id: len(encode_prompts(tokenizer, [build_prompt(p, stages[p.id][0], tokenizer, chat)])["input_ids"][0])
                for p in problems}
-    limit = next((getattr(model.config, name) for name in ("max_position_embeddings", "n_positions")
-                  if getattr(model.config, name, None)), None)
+    limit = context_of(model)
     if limit is None:
         return max(longest.values())
     over = {problem: length for problem, length in longest.items() if length + config.max_new_tokens > limit}
@@ -742,10 +779,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except ValueError as error:
             sys.exit(f"error: {error}")
     output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     if rank == 0:
+        try:
+            resume_from = checkpoint.find(config.output_dir, config.resume_from_checkpoint)
+            moved = rundir.claim(output, config.resume_from_checkpoint is not None, config.overwrite_output_dir)
+        except ValueError as error:  # a damaged checkpoint named, or another run's folder
+            sys.exit(f"error: {error}")
+        if moved:
+            print(moved)
         print(to_json(config))
         (output / "config.json").write_text(to_json(config))
+    resume_from = broadcast(resume_from if rank == 0 else None)  # verified once, by rank 0
     try:
         problems = select_problems(config)
         eval_problems = select_eval_problems(config)
@@ -754,14 +798,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    resume_from = checkpoint.find(config.output_dir, config.resume_from_checkpoint)
     # Models: the policy, a frozen reference, and the critic; then sharded or replicated.
     # the warm-up sees every CCCS stage whatever the RL arm (--no_cccs, --no_fgo): one start for all arms
     warmup_stages = cccs_stages(problems, dataclasses.replace(config, no_cccs=False))
     stages = cccs_stages(problems, config) if config.no_cccs else warmup_stages
     started = time.perf_counter()
-    policy, reference, tokenizer, save_reference, export_dtype = build_models(config, problems, warmup_stages,
-                                                                              resume_from, device)
+    try:
+        policy, reference, tokenizer, save_reference, export_dtype = build_models(
+            config, problems, warmup_stages, resume_from, device, eval_problems)
+    except DataError as error:  # data the model's context cannot hold, said before any training
+        sys.exit(f"error: {error}")
     build_seconds = time.perf_counter() - started
     try:
         longest_prompt = max(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ import torch
 
 from stepcoder import kernels, remote, train
 from stepcoder.config import ConfigError, parse_config
-from stepcoder.data import DataError, load_builtin
+from stepcoder.data import DataError, Problem, load_builtin
 from stepcoder.models import build_default_model, build_default_tokenizer, make_critic
+from stepcoder.sandbox import TestCase
 from stepcoder.schedules import learning_rate_factor
 
 TINY = ["--data", "builtin", "--limit", "8", "--advantage", "gae", "--kl_coef", "0.01", "--problems_per_step", "4", "--rollouts_per_prompt", "2", "--max_new_tokens", "40",
@@ -109,6 +111,83 @@ def test_kill_and_resume_gives_the_same_next_step(tmp_path):
     assert [m["step"] for m in resumed] == [1, 2, 3]
     assert strip(resumed[2]) == strip(straight[2])
     assert strip(resumed[1]) == strip(straight[1])
+
+
+def test_resume_skips_a_damaged_checkpoint_and_drops_the_rows_past_the_one_it_takes(tmp_path, capsys):
+    """A run killed after writing step 3's rows and before checkpoint-3, whose checkpoint-2 then lost 1000
+    bytes: `latest` skips checkpoint-2 saying why (without the manifest, torch failed inside its reader),
+    resumes from checkpoint-1, drops the rows written after step 1, and ends with each step's rows once.
+    Naming a damaged checkpoint is an error naming the file."""
+    run(tmp_path, "--total_steps", "3", "--save_steps", "1", "--save_total_limit", "3")
+    out = tmp_path / "run"
+    manifest = json.loads((out / "checkpoint-2" / "manifest.json").read_text())
+    assert manifest["step"] == 2 and "state/.metadata" in manifest["files"]
+    shutil.rmtree(out / "checkpoint-3")
+    shard = max((out / "checkpoint-2" / "state").glob("*.distcp"), key=lambda path: path.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.seek(shard.stat().st_size // 2)
+        f.write(bytes(1000))
+    capsys.readouterr()
+    history = run(tmp_path, "--total_steps", "3", "--save_steps", "1", "--save_total_limit", "3",
+                  "--resume_from_checkpoint", "latest")
+    console = capsys.readouterr()
+    assert f"skipping {out / 'checkpoint-2'}" in console.err and shard.name in console.err and "SHA-256" in console.err
+    assert "resuming at step 1: dropped 2 metrics rows and 16 sample rows" in console.out
+    assert [row["step"] for row in history] == [1, 2, 3]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    samples = [json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and samples == [1] * 8 + [2] * 8 + [3] * 8
+    shard = max((out / "checkpoint-3" / "state").glob("*.distcp"), key=lambda path: path.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(SystemExit, match=f"cannot resume from .*checkpoint-3.*{shard.name} has"):
+        run(tmp_path, "--total_steps", "4", "--resume_from_checkpoint", str(out / "checkpoint-3"))
+
+
+def test_an_output_dir_belongs_to_one_run(tmp_path, capsys):
+    """A finished run's folder: a new run there is refused, naming the folder and the two ways on, and
+    nothing of the old run changes; --overwrite_output_dir moves the old run aside whole."""
+    run(tmp_path, "--total_steps", "1")
+    out = tmp_path / "run"
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    with pytest.raises(SystemExit, match=f"{out} already holds a run .*metrics.jsonl.*--resume_from_checkpoint "
+                                         "latest.*--overwrite_output_dir"):
+        run(tmp_path, "--total_steps", "2")
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+    capsys.readouterr()
+    history = run(tmp_path, "--total_steps", "1", "--overwrite_output_dir", "--seed", "1")
+    (aside,) = tmp_path.glob("run.previous-*")
+    assert f"now in {aside}" in capsys.readouterr().out
+    assert {path.name: path.read_bytes() for path in aside.iterdir() if path.is_file()} == before
+    assert (aside / "checkpoint-1").is_dir() and (out / "checkpoint-1").is_dir() and len(history) == 1
+    assert (out / "metrics.jsonl").read_bytes() != before["metrics.jsonl"]  # a new run (seed 1) wrote its own
+
+
+def test_the_small_model_is_sized_to_its_data_and_a_pretrained_one_is_checked(tmp_path):
+    """APPS+ prompts and solutions run past 1024 positions with the small tokenizer: the small model's
+    context grows to what the data needs (it died in the warm-up with an IndexError); a loaded model whose
+    context is too short is an error naming a problem and the flags, before any training."""
+    long_solution = "x = 0\n" + "x += 1\n" * 700 + "print(x)\n"
+    problem = Problem(id="long/0", question="Count to 700.", starter_code="", solutions=[long_solution],
+                      tests=[TestCase("", "700\n")], kind="stdin", entry=None)
+    config = parse_config(["--output_dir", str(tmp_path / "unused"), "--sft_steps", "2"])
+    stages = train.cccs_stages([problem], config)
+    policy, _, tokenizer, _, _ = train.build_models(config, [problem], stages, None, "cpu")
+    needed = max(train.context_needed([problem], stages, tokenizer, config).values())
+    assert needed > 1024 and policy.config.n_positions == -(-needed // 64) * 64
+    short = build_default_model(build_default_tokenizer([long_solution]), 0, n_positions=64)
+    short.save_pretrained(tmp_path / "short")
+    build_default_tokenizer([long_solution]).save_pretrained(tmp_path / "short")
+    with pytest.raises(SystemExit, match="need more than the model's 64 positions .*--max_new_tokens"):
+        train.main(["--model_name_or_path", str(tmp_path / "short"), "--data", "builtin", "--limit", "4",
+                    "--sft_steps", "2", "--total_steps", "1", "--output_dir", str(tmp_path / "run")])
+
+
+def test_user_errors_name_the_flag_without_a_traceback(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for argv, message in ((["--total_steps", "abc"], "error: --total_steps: expected int, got 'abc'"),
+                          (["--model_name_or_path", str(tmp_path / "empty")], "has no config.json")):
+        with pytest.raises(SystemExit, match=message):
+            train.main([*argv, "--output_dir", str(tmp_path / "run")])
 
 
 def _real_like_model(directory: Path, extra_rows: int) -> None:

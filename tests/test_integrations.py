@@ -3,6 +3,7 @@ they give this package's own verdicts and rewards; TRL's trainer gets FGO throug
 CCCS curriculum through its dataset; hostile completions score as failures and harm nothing."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import uuid
@@ -33,6 +34,14 @@ def broken(program: str, how: int) -> str:
     return [program.replace("print(", "print(1+", 1), program.replace("\n", "\n1/0\n", 1), "x = (\n"][how % 3]
 
 
+def need(module: str):
+    """The stack a test needs: skipped without it, except under STEPCODER_REQUIRE_TRL=1 (CI), where its
+    absence fails the test."""
+    if os.environ.get("STEPCODER_REQUIRE_TRL") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
 @pytest.fixture(autouse=True)
 def reference_kernels(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -53,6 +62,7 @@ def test_verl_and_openrlhf_score_as_evaluate_judges(tmp_path):
     from stepcoder.integrations import openrlhf, verl
     from stepcoder.integrations.verl import prepare
 
+    datasets = need("datasets")
     problems = load_apps_plus(str(APPS_PLUS)).problems
     completions = {p.id: [p.solutions[0], broken(p.solutions[0], i)] for i, p in enumerate(problems)}
     samples = tmp_path / "samples.jsonl"
@@ -66,8 +76,6 @@ def test_verl_and_openrlhf_score_as_evaluate_judges(tmp_path):
 
     parquet = tmp_path / "train.parquet"
     prepare.main(["--data", f"apps_plus:{APPS_PLUS}", "--output", str(parquet)])
-    import datasets
-
     rows = list(datasets.load_dataset("parquet", data_files=str(parquet), split="train"))
     assert len(rows) == len(problems) and all(row["data_source"] == verl.DATA_SOURCE for row in rows)
     assert rows[0]["prompt"][0]["role"] == "user" and isinstance(rows[0]["prompt"][0]["content"], str)
@@ -100,7 +108,7 @@ def test_verl_and_openrlhf_score_as_evaluate_judges(tmp_path):
 
 
 def test_the_prepared_data_carries_every_cccs_stage(tmp_path):
-    import pyarrow.parquet as pq
+    pq = need("pyarrow.parquet")
 
     from stepcoder.cccs import problem_stages
     from stepcoder.integrations import openrlhf
@@ -147,7 +155,7 @@ def test_hostile_completions_score_as_failures_and_harm_no_caller(tmp_path):
 
 @pytest.fixture
 def trl_setup(tmp_path):
-    pytest.importorskip("trl")
+    need("trl")
     from trl import GRPOConfig
 
     from stepcoder.integrations.trl import cccs_dataset, make_reward
@@ -273,7 +281,7 @@ def test_fgo_masked_tokens_contribute_nothing_to_the_loss(trl_setup):
 
 
 def test_the_curriculum_callback_advances_a_stage_and_the_dataset_follows():
-    pytest.importorskip("datasets")
+    need("datasets")
     from stepcoder.integrations.trl import CurriculumCallback, cccs_dataset, make_reward
 
     problems = [p for p in load_problems("builtin").problems if p.solutions][:3]

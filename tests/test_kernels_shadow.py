@@ -66,7 +66,10 @@ def test_transformers_and_the_trainer_import_from_the_repository_root(installed,
                                "print(ours.ppo_policy_loss)"], extra)
     assert done.returncode == 0, done.stderr[-3000:]
     found, ours = done.stdout.splitlines()[:2]
-    assert found == ("hub" if installed else "none")  # never the repository's folder
+    if installed:
+        assert found == "hub"
+    else:  # transformers >= 5.25 requires the real hub package, so it may be installed; never the repository's
+        assert found == "none" or Path(found).resolve().parent != (ROOT / "kernels").resolve(), found
     assert ours.startswith("<function ppo_policy_loss")
     trainer = run_in_root(["-m", "stepcoder.train", "--help"], extra)
     assert trainer.returncode == 0 and "--rollout_engine" in trainer.stdout, trainer.stderr[-3000:]

@@ -112,6 +112,7 @@ def build_start(train_args: list[str], output: Path) -> Path:
     warm-up over every CCCS stage of the training problems, saved once in OUT/start."""
     from stepcoder import train
     from stepcoder.models import quiet_transformers
+    from stepcoder.warmup import sized_warmup
 
     config = parse_config([*train_args, "--output_dir", str(output / "start")])
     if config.model_name_or_path is not None and config.sft_steps == 0:
@@ -124,6 +125,7 @@ def build_start(train_args: list[str], output: Path) -> Path:
     torch.manual_seed(config.seed)
     problems = train.select_problems(config)
     stages = train.cccs_stages(problems, config)  # every arm's warm-up sees every stage: the same start
+    config = sized_warmup(config, problems, stages)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy, _, tokenizer, _, _ = train.build_models(config, problems, stages, None, device)
     with quiet_transformers():

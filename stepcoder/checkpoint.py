@@ -22,6 +22,8 @@ weights, ``reference/`` or the base checkpoint, and a new adapter), shards or re
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -115,10 +119,49 @@ def _training_state(policy, critic, optimizers) -> dict:
     return state
 
 
-def save(output: Path, step: int, models: dict, tokenizer, optimizers, schedulers, curriculum, trainer_state: dict,
-         config_json: str, generator: torch.Generator, export_dtype: torch.dtype, save_reference: bool,
-         share_trunk: bool, keep: int) -> Path:
-    """Every rank calls this. `models`: policy, critic, reference (as the run holds them)."""
+class SaveError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, most often); the message says what is left."""
+
+
+def save(output: Path, step: int, *state, **options) -> Path:
+    """Every rank calls this (arguments as ``_write``'s). A failure to write (a full disk, a quota, an I/O
+    error) removes what was staged, leaves every earlier checkpoint as it was, and is a SaveError saying why
+    and how to go on."""
+    try:
+        return _write(output, step, *state, **options)
+    except (OSError, RuntimeError, CheckpointException, SafetensorError) as error:
+        cause = error
+        if isinstance(error, CheckpointException) and error.failures:  # dcp: each failed rank's own exception
+            cause = next(iter(error.failures.values()))[0]
+        full = _out_of_space(output, cause)
+        shutil.rmtree(output / f".staging-checkpoint-{step}", ignore_errors=True)  # give the space back
+        if isinstance(error, RuntimeError) and not full:
+            raise  # not a failed write (torch's writer says only "file write failed"): a bug, traced
+        raise SaveError(_save_failure(output, step, cause, full)) from error
+
+
+def _out_of_space(output: Path, error: BaseException) -> bool:
+    """The write failed for want of space: ENOSPC or EDQUOT, as an OSError or in the text safetensors gives
+    (torch's zip writer gives neither), or the device has under 1 MiB free now."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left" in str(error) or "os error 28" in str(error) or shutil.disk_usage(output).free < 2**20
+
+
+def _save_failure(output: Path, step: int, error: BaseException, full: bool) -> str:
+    reason = f"no space left on the device ({shutil.disk_usage(output).free / 2**20:.1f} MiB free once the " \
+             "partial checkpoint was removed)" if full else f"{type(error).__name__}: {error}"
+    whole = [path for path in checkpoints(output) if damage(path, hashes=False) is None]
+    kept = f"{whole[-1]} is whole and untouched" if whole else "there is no earlier checkpoint"
+    advice = "free space (or lower --save_total_limit)" if full else "fix the cause"
+    return (f"could not write checkpoint-{step} in {output}: {reason}. Nothing of it was kept; {kept}. "
+            f"The run stops here: {advice}, then continue with --resume_from_checkpoint latest")
+
+
+def _write(output: Path, step: int, models: dict, tokenizer, optimizers, schedulers, curriculum, trainer_state: dict,
+           config_json: str, generator: torch.Generator, export_dtype: torch.dtype, save_reference: bool,
+           share_trunk: bool, keep: int) -> Path:
+    """`models`: policy, critic, reference (as the run holds them)."""
     rank, _ = world()
     final, staging = output / f"checkpoint-{step}", output / f".staging-checkpoint-{step}"
     if rank == 0:
@@ -150,6 +193,7 @@ def save(output: Path, step: int, models: dict, tokenizer, optimizers, scheduler
         write_manifest(staging, step)  # last: a folder with a manifest that checks out is whole
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
+        _sync_folder(output)  # the rename itself survives a power cut
         kept = checkpoints(output)
         if damage(final, hashes=False) is None:  # never prune while the newest is not whole
             for old in kept[:-keep]:
@@ -192,12 +236,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the checkpoint and the file."""
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, sync: bool = False) -> str:
+    """The file's SHA-256; with `sync`, after its data is on the disk (fsync), so that a manifest written
+    next never vouches for bytes a power cut could still take."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if sync:
+            os.fsync(f.fileno())
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder: the names created or renamed in it are on the disk."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -210,10 +267,15 @@ def write_manifest(folder: Path, step: int) -> None:
 
     files = _files(folder)
     with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
-        digests = list(pool.map(_sha256, files))
+        digests = list(pool.map(functools.partial(_sha256, sync=True), files))
     entries = {str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": digest}
                for path, digest in zip(files, digests)}
-    (folder / MANIFEST).write_text(json.dumps({"step": step, "stepcoder": __version__, "files": entries}, indent=1))
+    with open(folder / MANIFEST, "w") as f:
+        f.write(json.dumps({"step": step, "stepcoder": __version__, "files": entries}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    for child in {path.parent for path in files} | {folder}:
+        _sync_folder(child)
 
 
 def damage(folder: Path, hashes: bool = True) -> str | None:

@@ -38,8 +38,9 @@ class TrainConfig:
     seed: int = 0
     # held-out evaluation: full programs, before the first update, after the last, every eval_every steps
     eval_data: str | None = field(default=None, metadata={"help": "problems to evaluate on (specs as --data); "
-                                                                  "default: synthetic:heldout when --data is "
-                                                                  "synthetic:train, else none"})
+                                                                  "default: synthetic:heldout for synthetic:train, "
+                                                                  "the other APPS+ split (train.json <-> "
+                                                                  "valid.json) beside apps_plus data, else none"})
     eval_every: int | None = field(default=None, metadata={"help": "also evaluate every N steps"})
     eval_samples: int = field(default=4, metadata={"help": "programs sampled per held-out problem"})
     eval_temperature: float = field(default=0.2, metadata={"help": "sampling temperature of the evaluation (0: "
@@ -47,7 +48,9 @@ class TrainConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "programs per generate call in the evaluation"})
     eval_limit: int | None = field(default=None, metadata={"help": "only the first N held-out problems"})
     # warm-up (supervised pass over canonical solutions)
-    sft_steps: int = field(default=0, metadata={"help": "supervised steps on canonical solutions before PPO"})
+    sft_steps: int | None = field(default=0, metadata={"help": "supervised steps on canonical solutions before "
+                                                               "PPO (the small default model: 1000, or 6 passes "
+                                                               "over its examples when fewer)"})
     sft_learning_rate: float = 1e-4
     # rollouts
     total_steps: int = 100
@@ -192,7 +195,11 @@ class TrainConfig:
 # - greedy evaluation, one sample per problem: a quarter of the programs 4 samples at T = 0.2 judged, for
 #   an interval on the difference of about +-1.6 points instead of +-1.4.
 # `--help` and the README list these values.
-SMALL_MODEL_PRESET = {"sft_steps": 1000, "sft_learning_rate": 2e-3, "learning_rate": 1e-4,
+# - the warm-up: 1000 steps of 16 examples (5.6 passes over synthetic:train's 2846), or 6 passes over the
+#   data's own examples when that is fewer (16 APPS+ problems have 52: 20 steps, not 300 passes of
+#   1.2k-token examples); sft_steps None asks warmup.sized_warmup for it.
+SMALL_MODEL_WARMUP_STEPS, SMALL_MODEL_WARMUP_PASSES = 1000, 6
+SMALL_MODEL_PRESET = {"sft_steps": None, "sft_learning_rate": 2e-3, "learning_rate": 1e-4,
                       "critic_learning_rate": 1e-3, "total_steps": 80, "max_new_tokens": 96,
                       "cccs_mode": "global", "cccs_threshold": 0.5, "sandbox_timeout": 0.5,
                       "advantage": "grpo", "kl_coef": 0.0, "problems_per_step": 8, "rollouts_per_prompt": 8,
@@ -246,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--{item.name}", action="store_true", default=None, help=help_text)
         else:
             default = f"default: {item.default}"
-            if item.name in SMALL_MODEL_PRESET:
+            if SMALL_MODEL_PRESET.get(item.name) is not None:  # None: the help says how it is sized
                 default += f"; {SMALL_MODEL_PRESET[item.name]} for the small default model"
             if item.name in ("learning_rate", "critic_learning_rate"):
                 default += f"; {LORA_LEARNING_RATE_FACTOR}x that with --lora_r"
@@ -315,11 +322,27 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         values["kl_estimator"] = "k3"  # as GRPO: unbiased and non-negative, its gradient well behaved
     if "rollout_is" not in values:  # HF samples from the learner itself: nothing to correct
         values["rollout_is"] = "token" if values.get("rollout_engine") == "vllm" else "none"
-    if "eval_data" not in values and values.get("data", TrainConfig.data) == "synthetic:train":
-        values["eval_data"] = "synthetic:heldout"
+    if "eval_data" not in values:
+        values["eval_data"] = default_eval_data(values.get("data", TrainConfig.data))
     config = TrainConfig(**values)
     validate(config)
     return config
+
+
+APPS_PLUS_SPLITS = {"train.json": "valid.json", "valid.json": "train.json"}
+
+
+def default_eval_data(data: str) -> str | None:
+    """The held-out problems a run evaluates unless told: ``synthetic:heldout`` for ``synthetic:train``; for
+    ``apps_plus:DIR/train.json`` or ``DIR/valid.json``, the other of the two when it is there (APPS+ comes
+    as such a pair of disjoint splits); else none."""
+    if data == "synthetic:train":
+        return "synthetic:heldout"
+    source, _, path = data.partition(":")
+    other = APPS_PLUS_SPLITS.get(Path(path).name) if source == "apps_plus" else None
+    if other and (Path(path).parent / other).is_file():
+        return f"apps_plus:{Path(path).parent / other}"
+    return None
 
 
 def read_config_file(path: str) -> dict:
@@ -351,7 +374,7 @@ def validate(config: TrainConfig) -> None:
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{name}: must be positive, got {value}")
     for name in NON_NEGATIVE:
-        if getattr(config, name) < 0:
+        if getattr(config, name) is not None and getattr(config, name) < 0:  # sft_steps None: sized to the data
             raise ConfigError(f"{name}: must be >= 0, got {getattr(config, name)}")
     if not 0 < config.vllm_gpu_memory_utilization <= 1:
         raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {config.vllm_gpu_memory_utilization}")

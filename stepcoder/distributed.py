@@ -169,3 +169,10 @@ def autocast(dtype: torch.dtype, device: torch.device, strategy: str):
     if dtype == torch.float32 or sharded(strategy):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def compute(config, device) -> contextlib.AbstractContextManager:
+    """bf16 compute over the fp32 master weights where the run's --precision asks (a TrainConfig's
+    precision and strategy)."""
+    device = torch.device(device)
+    return autocast(compute_dtype(config.precision, device), device, config.strategy)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from stepcoder.data import Problem
 from stepcoder.detokenize import code_tokens, continuation
 from stepcoder.engines import Sampling
 from stepcoder.fgo import token_mask
+from stepcoder.phases import phase
 from stepcoder.prompts import STOP_STRING, build_prompt, chat_option
 from stepcoder.sandbox import Sandbox
 
@@ -62,26 +62,26 @@ def collect_rollouts(engine, tokenizer, problems: list[Problem], curriculum: Cur
         work += [(problem, stage, prefix, prompt)] * config.rollouts_per_prompt
     sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, logprobs=engine.name != "hf")
     samples, futures = [], []
-    start = time.perf_counter()
-    for begin in range(0, len(work), config.generation_batch_size):
-        chunk = work[begin:begin + config.generation_batch_size]
-        for (problem, stage, prefix, _), generation in zip(chunk, engine.generate([item[3] for item in chunk],
-                                                                                   sampling)):
-            response_ids = generation.response_ids
-            completion, spans = continuation(tokenizer, generation.prompt_ids, code_tokens(tokenizer, response_ids))
-            truncated = len(response_ids) >= config.max_new_tokens and response_ids[-1] != tokenizer.eos_token_id \
-                and STOP_STRING not in "\n" + completion  # stopped by the length limit, not by the model
-            samples.append(Sample(problem, stage, prefix, generation.prompt_ids, response_ids, completion, spans=spans,
-                                  truncated=truncated, engine_logprobs=generation.logprobs))
-            futures.append(sandbox.submit(*problem.job(problem.program(completion, prefix))))
-    engine.release()  # the learner's turn: a sleeping engine frees its memory
-    timings["time_generate_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    for sample, future in zip(samples, futures):
-        result = future.result()
-        sample.verdict, sample.executed_lines = result.verdict, result.executed_lines
-        sample.tests_ran, sample.wall_timeout = bool(result.tests), result.wall_timeout
-    timings["time_sandbox_s"] = time.perf_counter() - start
+    with phase("generate", timings):
+        for begin in range(0, len(work), config.generation_batch_size):
+            chunk = work[begin:begin + config.generation_batch_size]
+            for (problem, stage, prefix, _), generation in zip(chunk, engine.generate([item[3] for item in chunk],
+                                                                                       sampling)):
+                response_ids = generation.response_ids
+                completion, spans = continuation(tokenizer, generation.prompt_ids,
+                                                 code_tokens(tokenizer, response_ids))
+                truncated = len(response_ids) >= config.max_new_tokens and \
+                    response_ids[-1] != tokenizer.eos_token_id and \
+                    STOP_STRING not in "\n" + completion  # stopped by the length limit, not by the model
+                samples.append(Sample(problem, stage, prefix, generation.prompt_ids, response_ids, completion,
+                                      spans=spans, truncated=truncated, engine_logprobs=generation.logprobs))
+                futures.append(sandbox.submit(*problem.job(problem.program(completion, prefix))))
+        engine.release()  # the learner's turn: a sleeping engine frees its memory
+    with phase("sandbox", timings):  # the judging left once generation is done
+        for sample, future in zip(samples, futures):
+            result = future.result()
+            sample.verdict, sample.executed_lines = result.verdict, result.executed_lines
+            sample.tests_ran, sample.wall_timeout = bool(result.tests), result.wall_timeout
     for sample in samples:
         sample.fgo = fgo_mask(sample, tokenizer) if not config.no_fgo else [1] * len(sample.response_ids)
     return samples

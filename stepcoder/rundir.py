@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+from stepcoder.output import write_atomically
+
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval_summary.json", "eval", "tensorboard")
 
 
@@ -38,13 +40,23 @@ def claim(output: Path, resuming: bool, overwrite: bool) -> str | None:
     return None
 
 
-def keep_rows_through(path: Path, step: int) -> int:
-    """Drops the JSONL rows of `path` whose step is past `step` (an interrupted run's, done again after
-    resuming); returns how many went."""
+def keep_rows_through(path: Path, step: int) -> tuple[list[dict], int]:
+    """The JSONL rows of `path` up to `step`; the file is rewritten (atomically) without the rows past it,
+    which an interrupted run wrote and the resumed one does again, and without a last line that a kill cut
+    short. Returns (the rows kept, how many went); ValueError names a damaged line anywhere else."""
     if not path.exists():
-        return 0
+        return [], 0
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the interrupted run was killed while writing it
+            raise ValueError(f"{path}, line {number}: not a JSON row ({line[:80]!r}); the file is damaged") from None
+        if row.get("step", 0) <= step:
+            kept.append((line, row))
     if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
-    return len(lines) - len(kept)
+        write_atomically(path, "".join(line + "\n" for line, _ in kept))
+    return [row for _, row in kept], len(lines) - len(kept)

@@ -18,7 +18,6 @@ evaluates held-out pass@1 (``synthetic:heldout``) before the first update and af
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -42,8 +41,8 @@ from stepcoder.data import DataError, Problem, load_problems
 from stepcoder.distributed import (
     all_gather,
     all_sum,
-    autocast,
     broadcast,
+    compute,
     compute_dtype,
     no_sync,
     replicate,
@@ -70,17 +69,13 @@ from stepcoder.models import (
     without_dropout,
 )
 from stepcoder.output import write_atomically
+from stepcoder.phases import phase
 from stepcoder.prompts import CODE_FENCE, build_prompt, chat_option
 from stepcoder.rollouts import Sample, collect_rollouts, importance_weights, reward_of
 from stepcoder.remote import open_sandbox
 from stepcoder.sandbox import Sandbox, SandboxError
 from stepcoder.schedules import learning_rate_factor
-
-
-def compute(config: TrainConfig, device) -> contextlib.AbstractContextManager:
-    """bf16 compute over the fp32 master weights where asked (see stepcoder.distributed)."""
-    device = torch.device(device)
-    return autocast(compute_dtype(config.precision, device), device, config.strategy)
+from stepcoder.warmup import context_needed, context_of, sized_warmup, supervised_warmup
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,68 +302,6 @@ def ppo_update(policy, critic, optimizers, batch: Batch, experience: dict, confi
 
 
 # --------------------------------------------------------------------------------------------------
-# Supervised warm-up of a fresh model
-
-
-def warmup_examples(problems: list[Problem], stages: dict[str, list[str]], tokenizer,
-                    chat: bool | None) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, target ids) for each problem's canonical solution continued from each of its CCCS
-    prefixes: the prompt with one BOS, the target (the rest of the solution, the closing fence, EOS)
-    with none."""
-    examples = []
-    for problem in problems:
-        if not problem.solutions:
-            continue
-        solution = problem.solutions[0]
-        for prefix in stages[problem.id]:
-            context = problem.context(prefix)
-            target = solution[len(context):] if solution.startswith(context) else solution
-            prompt_ids = encode_prompts(tokenizer, [build_prompt(problem, prefix, tokenizer, chat)])["input_ids"][0]
-            target_ids = tokenizer(target + CODE_FENCE, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            examples.append((prompt_ids.tolist(), target_ids))
-    return examples
-
-
-def supervised_warmup(policy, tokenizer, problems: list[Problem], stages: dict[str, list[str]], config: TrainConfig,
-                      device) -> float:
-    """Cross-entropy on each problem's canonical solution, continued from every CCCS prefix in `stages`,
-    so the model has seen the prompts it will be given. Returns the last loss."""
-    examples = warmup_examples(problems, stages, tokenizer, chat_option(config.chat))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.sft_learning_rate)
-    generator = random.Random(config.seed)
-    policy.train()
-    loss = torch.tensor(float("nan"))
-    for _ in tqdm(range(config.sft_steps), desc="supervised warm-up", unit="step", disable=world()[0] != 0,
-                  leave=False):
-        chosen = [examples[generator.randrange(len(examples))] for _ in range(16)]
-        width = max(len(p) + len(t) for p, t in chosen)
-        ids = torch.full((len(chosen), width), tokenizer.pad_token_id)
-        labels = torch.full((len(chosen), width), -100)
-        attention = torch.zeros_like(ids)
-        for row, (prompt, target) in enumerate(chosen):
-            sequence = prompt + target
-            ids[row, width - len(sequence):] = torch.tensor(sequence)
-            labels[row, width - len(target):] = torch.tensor(target)
-            attention[row, width - len(sequence):] = 1
-        ids, labels, attention = ids.to(device), labels.to(device), attention.to(device)
-        with compute(config, device):
-            # targets are right-aligned: logits only where they are predicted (the prompt needs none),
-            # [B, T + 1] positions for [B, T] labels, as a causal LM's output
-            keep = max(len(target) for _, target in chosen)
-            logits = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention),
-                            logits_to_keep=keep + 1, use_cache=False).logits
-            targets = labels[:, -keep:]
-            kept = targets != -100
-            logp = kernels.logprobs_from_logits(logits, targets.clamp(min=0))
-            loss = -(logp * kept).sum() / kept.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-# --------------------------------------------------------------------------------------------------
 # Logging
 
 
@@ -387,12 +320,11 @@ class Logger:
         metrics, samples = self.output / "metrics.jsonl", self.output / "samples.jsonl"
         if resumed_at is not None:
             # Steps after the checkpoint were lost with the interrupted run; they are done again.
-            dropped = [rundir.keep_rows_through(path, resumed_at) for path in (metrics, samples)]
-            if any(dropped):
-                print(f"resuming at step {resumed_at}: dropped {dropped[0]} metrics rows and {dropped[1]} sample rows "
-                      "that the interrupted run wrote after it")
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
-                if metrics.exists() else []
+            (rows, dropped), (_, dropped_samples) = (rundir.keep_rows_through(path, resumed_at)
+                                                     for path in (metrics, samples))
+            if dropped or dropped_samples:
+                print(f"resuming at step {resumed_at}: dropped {dropped} metrics rows and {dropped_samples} sample "
+                      "rows that the interrupted run wrote after it")
             self.history = [row for row in rows if "eval_pass@1" not in row]
             self.evals = [row for row in rows if "eval_pass@1" in row]
         else:
@@ -625,28 +557,6 @@ def tokenizer_corpus(problems: list[Problem]) -> list[str]:
             for problem in problems for solution in problem.solutions]
 
 
-def context_needed(problems: list[Problem], stages: dict[str, list[str]], tokenizer, config: TrainConfig,
-                   eval_problems: list[Problem] = ()) -> dict[str, int]:
-    """Per problem, the positions it needs: its longest warm-up example (prompt + the rest of the solution,
-    with --sft_steps), and its longest prompt plus --max_new_tokens (held-out problems: full generation)."""
-    chat = chat_option(config.chat)
-    needed = {}
-    for problem in problems:
-        prompt = len(encode_prompts(tokenizer, [build_prompt(problem, stages[problem.id][0], tokenizer, chat)])
-                     ["input_ids"][0])
-        examples = warmup_examples([problem], stages, tokenizer, chat) if config.sft_steps else []
-        needed[problem.id] = max([prompt + config.max_new_tokens] + [len(p) + len(t) for p, t in examples])
-    for problem in eval_problems:
-        prompt = encode_prompts(tokenizer, [build_prompt(problem, "", tokenizer, chat)])["input_ids"][0]
-        needed[problem.id] = max(needed.get(problem.id, 0), len(prompt) + config.max_new_tokens)
-    return needed
-
-
-def context_of(model) -> int | None:
-    return next((getattr(model.config, name) for name in ("max_position_embeddings", "n_positions")
-                 if getattr(model.config, name, None)), None)
-
-
 def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str, list[str]],
                  resume_from: Path | None, device, eval_problems: list[Problem] = ()) -> tuple:
     """(policy, reference, tokenizer, save_reference, export_dtype), before any wrapping. The policy is
@@ -787,21 +697,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
             sys.exit(f"error: {error}")
         if moved:
             print(moved)
-        print(to_json(config))
-        (output / "config.json").write_text(to_json(config))
     resume_from = broadcast(resume_from if rank == 0 else None)  # verified once, by rank 0
     try:
         problems = select_problems(config)
         eval_problems = select_eval_problems(config)
     except DataError as error:
         sys.exit(f"error: {error}")
+    # the warm-up sees every CCCS stage whatever the RL arm (--no_cccs, --no_fgo): one start for all arms
+    warmup_stages = cccs_stages(problems, dataclasses.replace(config, no_cccs=False))
+    stages = cccs_stages(problems, config) if config.no_cccs else warmup_stages
+    config = sized_warmup(config, problems, warmup_stages)
+    if rank == 0:
+        print(to_json(config))
+        (output / "config.json").write_text(to_json(config))
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     # Models: the policy, a frozen reference, and the critic; then sharded or replicated.
-    # the warm-up sees every CCCS stage whatever the RL arm (--no_cccs, --no_fgo): one start for all arms
-    warmup_stages = cccs_stages(problems, dataclasses.replace(config, no_cccs=False))
-    stages = cccs_stages(problems, config) if config.no_cccs else warmup_stages
     started = time.perf_counter()
     try:
         policy, reference, tokenizer, save_reference, export_dtype = build_models(
@@ -843,13 +755,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         trainer_state = checkpoint.load(resume_from, train_policy, train_critic, optimizers, schedulers, generator)
         if curriculum is not None:
             curriculum.load_state_dict(json.loads((resume_from / "curriculum.json").read_text()))
-    logger = Logger(config, resumed_at=trainer_state["step"] if resume_from is not None else None)
+    try:
+        logger = Logger(config, resumed_at=trainer_state["step"] if resume_from is not None else None)
+    except ValueError as error:  # a metrics or samples file damaged other than by a kill
+        sys.exit(f"error: {error}")
 
     def save_checkpoint(step: int) -> None:  # the trainer state as it is when called
         base = train_policy if config.lora_r else reference  # a LoRA run's base: its policy without the adapter
-        checkpoint.save(output, step, {"policy": train_policy, "critic": train_critic, "reference": base},
-                        tokenizer, optimizers, schedulers, curriculum, trainer_state, to_json(config), generator,
-                        export_dtype, save_reference, config.share_trunk, config.save_total_limit)
+        try:
+            with phase("save"):
+                checkpoint.save(output, step, {"policy": train_policy, "critic": train_critic, "reference": base},
+                                tokenizer, optimizers, schedulers, curriculum, trainer_state, to_json(config),
+                                generator, export_dtype, save_reference, config.share_trunk, config.save_total_limit)
+        except checkpoint.SaveError as error:  # a full disk: the run stops, the last whole checkpoint stays
+            sys.exit(f"error: {error}")
 
     first_step = trainer_state["step"]
     last_step = config.total_steps if config.stop_after_steps is None else min(
@@ -874,19 +793,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             timings: dict[str, float] = {}
             chosen = problem_batch(problems, trainer_state["position"], config, config.seed)
             samples = collect_rollouts(engine, tokenizer, chosen, curriculum, sandbox, config, timings)
-            start = time.perf_counter()
-            batch = pad_batch(samples, tokenizer, config, device)
-            experience = score_rollouts(train_policy, reference, train_critic, batch, config)
-            timings["time_forward_s"] = time.perf_counter() - start
-            start = time.perf_counter()
-            update = ppo_update(train_policy, train_critic, optimizers, batch, experience, config, generator)
-            update["learning_rate"] = schedulers[0].get_last_lr()[0]  # the rate this step's update used
-            for scheduler in schedulers:
-                scheduler.step()
-            timings["time_update_s"] = time.perf_counter() - start
-            start = time.perf_counter()
-            engine.sync(train_policy)  # the next rollouts (and evaluations) sample from the updated policy
-            timings["time_sync_s"] = time.perf_counter() - start
+            with phase("forward", timings):
+                batch = pad_batch(samples, tokenizer, config, device)
+                experience = score_rollouts(train_policy, reference, train_critic, batch, config)
+            with phase("update", timings):
+                update = ppo_update(train_policy, train_critic, optimizers, batch, experience, config, generator)
+                update["learning_rate"] = schedulers[0].get_last_lr()[0]  # the rate this step's update used
+                for scheduler in schedulers:
+                    scheduler.step()
+            with phase("sync", timings):
+                engine.sync(train_policy)  # the next rollouts (and evaluations) sample from the updated policy
             if curriculum is not None:
                 for rollouts in all_gather([(s.problem.id, s.verdict == "pass", s.stage) for s in samples]):
                     for problem_id, passed, stage in rollouts:

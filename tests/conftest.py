@@ -68,6 +68,22 @@ def settled(pid: int, seconds: float = 5.0) -> bool:
         time.sleep(0.01)
 
 
+def sandbox_uid_processes() -> list[int]:
+    """Every process running under a sandbox uid, whoever started it."""
+    from stepcoder._worker import SANDBOX_UID_BASE
+
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + (1 << 23):
+            found.append(int(entry))
+    return found
+
+
 @pytest.fixture
 def wrapped(monkeypatch) -> dict:
     """What the trainer hands to ``train.wrap_models`` as a run starts: policy, critic, reference, config,

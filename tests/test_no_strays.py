@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import descendants, settled
-from stepcoder._worker import SANDBOX_UID_BASE
+from conftest import descendants, sandbox_uid_processes, settled
 from stepcoder.sandbox import Sandbox, TestCase
 
 PROGRAMS = [
@@ -19,19 +18,6 @@ PROGRAMS = [
     ("import threading\nt = threading.Thread(target=print)\nt.start()\nt.join()\nprint(int(input()) + 1)\n", "wrong_answer"),
 ]
 TIMEOUTS = 10
-
-
-def _sandbox_uid_processes() -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-        except (OSError, StopIteration):
-            continue
-        if SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + (1 << 23):
-            found.append(int(entry))
-    return found
 
 
 def test_no_zombie_or_stray_process_after_10000_runs():
@@ -52,4 +38,4 @@ def test_no_zombie_or_stray_process_after_10000_runs():
         workers = sb.worker_pids()
     assert descendants(os.getpid()) == {}
     assert all(not os.path.exists(f"/proc/{pid}") for pid in workers)
-    assert _sandbox_uid_processes() == []
+    assert sandbox_uid_processes() == []

@@ -104,7 +104,7 @@ def chat_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def test_one_bos_with_a_chat_template_that_renders_it_and_none_in_warmup_targets():
-    from stepcoder import train
+    from stepcoder import warmup
 
     tokenizer = chat_tokenizer()
     problems = load_builtin().problems[:3]
@@ -117,7 +117,7 @@ def test_one_bos_with_a_chat_template_that_renders_it_and_none_in_warmup_targets
         assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
     plain = encode_prompts(tokenizer, [build_prompt(problems[0], "", tokenizer, chat=False)])["input_ids"][0]
     assert plain.tolist().count(tokenizer.bos_token_id) == 1  # the tokenizer still adds it where nothing did
-    examples = train.warmup_examples(problems, {p.id: [""] for p in problems}, tokenizer, chat=None)
+    examples = warmup.warmup_examples(problems, {p.id: [""] for p in problems}, tokenizer, chat=None)
     for prompt_ids, target_ids in examples:
         assert prompt_ids.count(tokenizer.bos_token_id) == 1 and tokenizer.bos_token_id not in target_ids
 

@@ -353,8 +353,7 @@ class Logger:
             self._write(row)
 
     def _write(self, row: dict) -> None:
-        with open(self.output / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(self.output / "metrics.jsonl", json.dumps(row) + "\n")
         if self.board is not None:
             for name, value in row.items():
                 if isinstance(value, (int, float)) and name != "step":
@@ -366,10 +365,20 @@ class Logger:
                             "completion": sample.completion, "verdict": sample.verdict} for sample in samples])
         if not self.enabled:
             return
-        with open(self.output / "samples.jsonl", "a") as f:
-            for rank, ranks_rows in enumerate(rows):
-                for row in ranks_rows:
-                    f.write(json.dumps({**row, "rank": rank}) + "\n")
+        text = "".join(json.dumps({**row, "rank": rank}) + "\n" for rank, ranks_rows in enumerate(rows)
+                       for row in ranks_rows)
+        self._append(self.output / "samples.jsonl", text)
+
+    @staticmethod
+    def _append(path: Path, text: str) -> None:
+        """Appends, or stops the run saying why (a full disk): what was written up to the last checkpoint
+        stays, and a resumed run drops a row cut short."""
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+        except OSError as error:
+            sys.exit(f"error: could not append to {path}: {error.strerror or error}; the run stops here (free "
+                     "space, then continue with --resume_from_checkpoint latest)")
 
 
 def step_metrics(step: int, samples: list[Sample], batch: Batch, experience: dict, update: dict,

@@ -218,3 +218,12 @@ def test_a_save_that_runs_out_of_space_stops_the_run_and_keeps_the_last_checkpoi
     assert damage(kept / "checkpoint-0") is None  # every file, every byte, as its manifest says
     assert not (kept / "checkpoint-1").exists() and not list(kept.glob(".staging-*"))
     assert [row["step"] for row in rows(kept / "metrics.jsonl")] == [1]  # the step ran; only its save failed
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_row_that_cannot_be_written_stops_the_run_with_a_message():
+    """/dev/full fails every write with ENOSPC, as a full disk does under metrics.jsonl."""
+    from stepcoder.train import Logger
+
+    with pytest.raises(SystemExit, match="could not append to /dev/full: No space left on device; the run stops"):
+        Logger._append(Path("/dev/full"), '{"step": 1}\n')

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import shlex
 import shutil
 import signal
@@ -32,6 +33,7 @@ BASE = ["--data", "builtin", "--limit", "8", "--problems_per_step", "4", "--roll
 ARMS = {"gae": ["--advantage", "gae", "--kl_coef", "0.01"],
         "grpo-lora": ["--advantage", "grpo", "--lora_r", "4", "--kl_coef", "0.01"]}
 STEPS = 3
+RUN_TIMEOUT = 900  # seconds: a run that hangs fails the test rather than CI
 # (phase, which entry into it in that process, the longest delay drawn): the first process is killed in
 # its second save (checkpoint-2: a save takes 0.1-0.2 s here, so the kill lands among its files, or at
 # the latest as it ends), the second, resumed from checkpoint-1 (or -2), in its first generation, the third
@@ -91,6 +93,9 @@ class Trainer:
         streams = {name: str(self.scratch / f"run{self.runs}.{name}") for name in ("stdout", "stderr")}
         self.server.stdin.write(json.dumps({"argv": argv, "env": env, **streams}) + "\n")
         self.server.stdin.flush()
+        if not select.select([self.server.stdout], [], [], RUN_TIMEOUT)[0]:
+            self.server.kill()
+            pytest.fail(f"a training run took over {RUN_TIMEOUT} s: {argv}")
         status = self.server.stdout.readline()
         assert status, "the fork server died"
         return subprocess.CompletedProcess(argv, int(status), Path(streams["stdout"]).read_text(),

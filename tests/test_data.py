@@ -201,14 +201,15 @@ def canonical_continuation(problem, prefix: str) -> str:
 
 
 @pytest.mark.skipif(not APPS_PLUS.exists(), reason="the team's APPS+ copy (../shared/data/apps_plus) is absent")
-def test_every_cccs_stage_of_every_apps_plus_problem_passes_with_its_canonical_continuation():
+def test_every_cccs_stage_of_every_second_apps_plus_problem_passes_with_its_canonical_continuation():
     """Program assembly keeps a prefix's helpers when the continuation defines the entry: every stage
-    prompt of all 500 problems, continued canonically, passes; and so does each canonical solution as
-    given (judged once: the last stage's program is usually that very text)."""
+    prompt of the odd-numbered half of the 500 problems, continued canonically, passes; and so does each
+    canonical solution as given (judged once: the last stage's program is usually that very text). The
+    FGO test below judges the other half's canonical solutions (half each: CI's time)."""
     problems = load_apps_plus(str(APPS_PLUS)).problems
     assert len(problems) == 500
-    problems = [problem for problem in problems if runnable_here(problem)]
-    assert len(problems) >= 499
+    problems = [problem for problem in problems[1::2] if runnable_here(problem)]
+    assert len(problems) >= 249
     jobs, stages = [], []
     for problem in problems:
         programs = [problem.program(canonical_continuation(problem, prefix), prefix)
@@ -222,7 +223,7 @@ def test_every_cccs_stage_of_every_apps_plus_problem_passes_with_its_canonical_c
     # on a loaded machine.
     with Sandbox(workers=2, timeout=15.0, trace=False) as sb:
         verdicts = [result.verdict for result in sb.run_many(jobs)]
-    assert len(jobs) > 1000
+    assert len(jobs) > 500
     assert [(where, v) for where, v in zip(stages, verdicts) if v != "pass"] == []
 
 

@@ -60,16 +60,17 @@ def hub_kernels(directory: Path) -> Path:
 def test_transformers_and_the_trainer_import_from_the_repository_root(installed, tmp_path):
     pytest.importorskip("transformers")
     extra = hub_kernels(tmp_path / "site") if installed else None
+    # one interpreter (a start costs ~6 s): the imports, then the trainer's command line as `python -m` runs it
     done = run_in_root(["-c", "from transformers import GPT2LMHeadModel\nimport kernels\n"
                                "print('hub' if getattr(kernels, 'HUB', False) else 'none' if kernels.__file__ is None "
                                "else kernels.__file__)\nfrom stepcoder import kernels as ours\n"
-                               "print(ours.ppo_policy_loss)"], extra)
+                               "print(ours.ppo_policy_loss)\nimport runpy, sys\nsys.argv = ['train', '--help']\n"
+                               "runpy.run_module('stepcoder.train', run_name='__main__', alter_sys=True)"], extra)
     assert done.returncode == 0, done.stderr[-3000:]
-    found, ours = done.stdout.splitlines()[:2]
+    found, ours, *trainer = done.stdout.splitlines()
     if installed:
         assert found == "hub"
     else:  # transformers >= 5.25 requires the real hub package, so it may be installed; never the repository's
         assert found == "none" or Path(found).resolve().parent != (ROOT / "kernels").resolve(), found
     assert ours.startswith("<function ppo_policy_loss")
-    trainer = run_in_root(["-m", "stepcoder.train", "--help"], extra)
-    assert trainer.returncode == 0 and "--rollout_engine" in trainer.stdout, trainer.stderr[-3000:]
+    assert "--rollout_engine" in "\n".join(trainer), done.stdout[-3000:]

@@ -48,7 +48,7 @@ def warm_model(tmp_path_factory) -> Path:
     """The small default model warmed up on canonical solutions (so greedy programs are not noise): a
     warm-up-only run's exported policy (in a process of its own, where the kernels run their references)."""
     out = tmp_path_factory.mktemp("warm")
-    done = subprocess.run([sys.executable, "-m", "stepcoder.train", "--sft_steps", "200", "--total_steps", "0",
+    done = subprocess.run([sys.executable, "-m", "stepcoder.train", "--sft_steps", "100", "--total_steps", "0",
                            "--eval_data", "none", "--output_dir", str(out)], capture_output=True, text=True,
                           timeout=900, env=environment())
     assert done.returncode == 0, done.stderr[-4000:]

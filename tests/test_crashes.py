@@ -188,8 +188,9 @@ def test_a_save_that_runs_out_of_space_stops_the_run_and_keeps_the_last_checkpoi
     the tmpfs is shrunk to leave half a checkpoint free, and the resumed run's first PPO step cannot save.
     Its sandbox is a judging server outside the namespace (one that maps a single uid cannot start a local
     pool)."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
-        pytest.skip("needs unshare(1) and unprivileged user and mount namespaces (for a small tmpfs)")
+    probe = ["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp_path)]
+    if shutil.which("unshare") is None or subprocess.run(probe, capture_output=True).returncode:
+        pytest.skip("needs unshare(1) and a tmpfs mounted in unprivileged user and mount namespaces")
     started = train(tmp_path / "start", *BASE, *ARMS["gae"], "--total_steps", "0")
     assert started.returncode == 0, started.stderr[-3000:]
     mount, kept = tmp_path / "disk", tmp_path / "after"

@@ -134,10 +134,15 @@ def save(output: Path, step: int, *state, **options) -> Path:
         if isinstance(error, CheckpointException) and error.failures:  # dcp: each failed rank's own exception
             cause = next(iter(error.failures.values()))[0]
         full = _out_of_space(output, cause)
-        shutil.rmtree(output / f".staging-checkpoint-{step}", ignore_errors=True)  # give the space back
+        shutil.rmtree(_staging(output, step), ignore_errors=True)  # give the space back
         if isinstance(error, RuntimeError) and not full:
             raise  # not a failed write (torch's writer says only "file write failed"): a bug, traced
         raise SaveError(_save_failure(output, step, cause, full)) from error
+
+
+def _staging(output: Path, step: int) -> Path:
+    """Where checkpoint-`step` is written before it is renamed into place."""
+    return output / f".staging-checkpoint-{step}"
 
 
 def _out_of_space(output: Path, error: BaseException) -> bool:
@@ -163,7 +168,7 @@ def _write(output: Path, step: int, models: dict, tokenizer, optimizers, schedul
            share_trunk: bool, keep: int) -> Path:
     """`models`: policy, critic, reference (as the run holds them)."""
     rank, _ = world()
-    final, staging = output / f"checkpoint-{step}", output / f".staging-checkpoint-{step}"
+    final, staging = output / f"checkpoint-{step}", _staging(output, step)
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -194,10 +199,8 @@ def _write(output: Path, step: int, models: dict, tokenizer, optimizers, schedul
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         _sync_folder(output)  # the rename itself survives a power cut
-        kept = checkpoints(output)
-        if damage(final, hashes=False) is None:  # never prune while the newest is not whole
-            for old in kept[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        for old in checkpoints(output)[:-keep]:  # only now: the newest is whole (its manifest came first)
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

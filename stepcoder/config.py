@@ -47,11 +47,19 @@ class TrainConfig:
                                                                    "greedy)"})
     eval_batch_size: int = field(default=64, metadata={"help": "programs per generate call in the evaluation"})
     eval_limit: int | None = field(default=None, metadata={"help": "only the first N held-out problems"})
+    start_evaluation: str | None = field(default=None, metadata={"help": "eval/step-0.json of the starting model "
+                                                                         "on the same held-out problems (e.g. "
+                                                                         "another run's from the same start): "
+                                                                         "step 0's evaluation, not run again"})
     # warm-up (supervised pass over canonical solutions)
     sft_steps: int | None = field(default=0, metadata={"help": "supervised steps on canonical solutions before "
                                                                "PPO (the small default model: 1000, or 6 passes "
                                                                "over its examples when fewer)"})
     sft_learning_rate: float = 1e-4
+    sft_data: str | None = field(default=None, metadata={"help": "problems the warm-up trains on (specs as --data; "
+                                                                 "default: the training problems)"})
+    sft_whole_programs: bool = field(default=False, metadata={"help": "warm up on whole programs only, not on "
+                                                                      "every CCCS prefix of them"})
     # rollouts
     total_steps: int = 100
     problems_per_step: int = 8
@@ -333,11 +341,12 @@ APPS_PLUS_SPLITS = {"train.json": "valid.json", "valid.json": "train.json"}
 
 
 def default_eval_data(data: str) -> str | None:
-    """The held-out problems a run evaluates unless told: ``synthetic:heldout`` for ``synthetic:train``; for
-    ``apps_plus:DIR/train.json`` or ``DIR/valid.json``, the other of the two when it is there (APPS+ comes
-    as such a pair of disjoint splits); else none."""
-    if data == "synthetic:train":
-        return "synthetic:heldout"
+    """The held-out problems a run evaluates unless told: ``synthetic:heldout`` for ``synthetic:train``
+    (``synthetic-long:heldout`` for ``synthetic-long:train``); for ``apps_plus:DIR/train.json`` or
+    ``DIR/valid.json``, the other of the two when it is there (APPS+ comes as such a pair of disjoint
+    splits); else none."""
+    if data in ("synthetic:train", "synthetic-long:train"):
+        return data.replace(":train", ":heldout")
     source, _, path = data.partition(":")
     other = APPS_PLUS_SPLITS.get(Path(path).name) if source == "apps_plus" else None
     if other and (Path(path).parent / other).is_file():
@@ -437,6 +446,8 @@ def validate(config: TrainConfig) -> None:
     if config.model_name_or_path is not None and not (Path(config.model_name_or_path) / "config.json").is_file():
         raise ConfigError(f"model_name_or_path: {config.model_name_or_path} has no config.json, so it is not a "
                           "transformers model directory (save one with model.save_pretrained(DIR))")
+    if config.start_evaluation is not None and not Path(config.start_evaluation).is_file():
+        raise ConfigError(f"start_evaluation: {config.start_evaluation} is not a file")
     if config.resume_from_checkpoint not in (None, "latest") and not Path(config.resume_from_checkpoint).is_dir():
         raise ConfigError(f"resume_from_checkpoint: {config.resume_from_checkpoint} is not a directory")
 

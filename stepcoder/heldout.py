@@ -61,14 +61,30 @@ class Evaluation:
         write_atomically(folder / f"step-{self.step}.json", json.dumps(dataclasses.asdict(self), indent=1))
 
     @classmethod
+    def read(cls, file: Path, problems: Sequence[str], samples: int) -> Evaluation:
+        """A saved step-0 evaluation reused by another run from the same start (no time spent on it here);
+        ValueError, naming the file, unless it is over exactly `problems` with `samples` each."""
+        try:
+            evaluation = cls(**json.loads(file.read_text()))
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(f"{file}: not an evaluation (eval/step-N.json): {error}") from None
+        if evaluation.step != 0 or set(evaluation.passed) != set(problems) or evaluation.samples != samples:
+            raise ValueError(f"{file}: an evaluation at step {evaluation.step} of {len(evaluation.passed)} problems x "
+                             f"{evaluation.samples} samples, not of this run's start on its {len(problems)} held-out "
+                             f"problems x {samples} samples")
+        return dataclasses.replace(evaluation, seconds=0.0)
+
+    @classmethod
     def load(cls, output: Path, step: int) -> Evaluation | None:
         file = output / "eval" / f"step-{step}.json"
         return cls(**json.loads(file.read_text())) if file.exists() else None
 
 
 def evaluate_policy(sample: Sampler, tokenizer, problems: list[Problem], samples: int, sandbox: Sandbox,
-                    chat: bool | None, step: int, batch_size: int) -> Evaluation:
-    """`samples` full programs per problem from `sample`, judged in `sandbox`. Under torchrun each rank
+                    chat: bool | None, step: int, batch_size: int,
+                    prefixes: dict[str, str] | None = None) -> Evaluation:
+    """`samples` full programs per problem from `sample`, judged in `sandbox`; with `prefixes` (problem id ->
+    a canonical prefix, a CCCS stage) each program continues its problem's prefix. Under torchrun each rank
     takes an equal share (padded with repeats whose verdicts are dropped), so every rank makes the same
     number of generate calls, as sharded generation requires; the counts are gathered on every rank."""
     from tqdm.auto import tqdm
@@ -83,11 +99,12 @@ def evaluate_policy(sample: Sampler, tokenizer, problems: list[Problem], samples
     for begin in tqdm(range(0, len(work), batch_size), desc=f"held-out eval (step {step})", unit="batch",
                       disable=rank != 0, leave=False):
         chunk = work[begin:begin + batch_size]
-        prompts = [build_prompt(problem, "", tokenizer, chat) for problem, _ in chunk]
-        for (problem, counted), (prompt_ids, response_ids) in zip(chunk, sample(prompts)):
+        given = [(prefixes or {}).get(problem.id, "") for problem, _ in chunk]
+        prompts = [build_prompt(problem, prefix, tokenizer, chat) for (problem, _), prefix in zip(chunk, given)]
+        for (problem, counted), prefix, (prompt_ids, response_ids) in zip(chunk, given, sample(prompts)):
             if counted:
                 text = continuation(tokenizer, prompt_ids, code_tokens(tokenizer, response_ids))[0]
-                futures.append((problem.id, sandbox.submit(*problem.job(problem.program(text)))))
+                futures.append((problem.id, sandbox.submit(*problem.job(problem.program(text, prefix)))))
     passed: Counter = Counter({problem.id: 0 for problem in mine})
     outcomes: Counter = Counter()
     for problem_id, future in futures:

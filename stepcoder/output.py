@@ -12,14 +12,14 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def new_figure(size: tuple[float, float]):
-    """(figure, axes) on matplotlib's file-only backend."""
+def new_figure(size: tuple[float, float], columns: int = 1):
+    """(figure, axes) on matplotlib's file-only backend; with `columns` > 1, a row of that many axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=size)
+    return plt.subplots(1, columns, figsize=size)
 
 
 def save_figure(figure, path: Path) -> None:

@@ -32,7 +32,8 @@ class Sample:
     verdict: str = ""
     executed_lines: list[int] = dataclasses.field(default_factory=list)
     tests_ran: bool = False
-    fgo: list[int] = dataclasses.field(default_factory=list)
+    executed: list[int] = dataclasses.field(default_factory=list)  # per response token: 0 = on lines no test ran
+    fgo: list[int] = dataclasses.field(default_factory=list)  # the loss mask: `executed`, or all ones (--no_fgo)
     spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # each code token's text in `completion`
     truncated: bool = False  # generation hit max_new_tokens
     wall_timeout: bool = False  # judged timeout by the sandbox's wall-clock backstop, not by CPU time
@@ -82,8 +83,9 @@ def collect_rollouts(engine, tokenizer, problems: list[Problem], curriculum: Cur
             result = future.result()
             sample.verdict, sample.executed_lines = result.verdict, result.executed_lines
             sample.tests_ran, sample.wall_timeout = bool(result.tests), result.wall_timeout
-    for sample in samples:
-        sample.fgo = fgo_mask(sample, tokenizer) if not config.no_fgo else [1] * len(sample.response_ids)
+    for sample in samples:  # measured in every arm: what FGO masks, or would mask (--no_fgo)
+        sample.executed = fgo_mask(sample, tokenizer)
+        sample.fgo = sample.executed if not config.no_fgo else [1] * len(sample.response_ids)
     return samples
 
 

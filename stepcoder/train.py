@@ -89,6 +89,7 @@ class Batch:
     responses: torch.Tensor       # [N, R]
     action_mask: torch.Tensor     # [N, R]: generated tokens (EOS included)
     policy_mask: torch.Tensor     # action mask x FGO mask
+    unexecuted: torch.Tensor      # [N, R]: generated tokens on lines no test ran (what FGO masks), in every arm
     scores: torch.Tensor          # [N]: the verdicts' rewards
     prompts: list[tuple[str, int]]  # [N]: each rollout's prompt (problem, CCCS stage): its group
     engine_logp: torch.Tensor | None = None  # [N, R]: the sampling engine's log-probs (vLLM), else None
@@ -102,6 +103,7 @@ def pad_batch(samples: list[Sample], tokenizer, config: TrainConfig, device) -> 
     attention = torch.zeros_like(ids)
     action = torch.zeros(len(samples), length)
     fgo = torch.zeros(len(samples), length)
+    executed = torch.zeros(len(samples), length)
     recorded = all(s.engine_logprobs is not None for s in samples)
     engine_logp = torch.zeros(len(samples), length)
     for row, sample in enumerate(samples):
@@ -111,12 +113,14 @@ def pad_batch(samples: list[Sample], tokenizer, config: TrainConfig, device) -> 
         attention[row, width - len(prompt):width + len(response)] = 1
         action[row, :len(response)] = 1
         fgo[row, :len(response)] = torch.tensor(sample.fgo, dtype=torch.float)
+        executed[row, :len(response)] = torch.tensor(sample.executed or [1] * len(response), dtype=torch.float)
         if recorded:
             engine_logp[row, :len(response)] = torch.tensor(sample.engine_logprobs, dtype=torch.float)
     scores = torch.tensor([reward_of(s.verdict, config) - (config.truncation_penalty if s.truncated else 0.0)
                            for s in samples])
     return Batch(ids.to(device), attention.to(device), ids[:, width:].to(device), action.to(device),
-                 (action * fgo).to(device), scores.to(device), [(s.problem.id, s.stage) for s in samples],
+                 (action * fgo).to(device), (action * (1 - executed)).to(device), scores.to(device),
+                 [(s.problem.id, s.stage) for s in samples],
                  engine_logp.to(device) if recorded else None)
 
 
@@ -392,14 +396,23 @@ def step_metrics(step: int, samples: list[Sample], batch: Batch, experience: dic
             wall_timeouts += by_wall
     action = batch.action_mask
     truncated = action.new_tensor(float(sum(s.truncated for s in samples)))
+    weight = experience["advantages"].abs()  # each token's weight in the policy gradient, before masking
+    full = action.new_tensor(float(sum(not s.prefix for s in samples)))
     sums = all_sum(torch.stack([batch.scores.sum(), experience["kl"].sum(), action.sum(),
                                 (action - batch.policy_mask).sum(), action.new_tensor(float(len(samples))),
-                                truncated]).double())
-    score, kl, tokens, masked, count, truncated = (float(value) for value in sums)
+                                truncated, batch.unexecuted.sum(), (weight * action).sum(),
+                                (weight * batch.policy_mask * batch.unexecuted).sum(), full]).double())
+    score, kl, tokens, masked, count, truncated, unexecuted, weights, unexecuted_weights, full = (
+        float(value) for value in sums)
     metrics = {"step": step, "reward_mean": score / count,
                "pass_rate": outcomes.get("pass", 0) / max(sum(outcomes.values()), 1),
                "kl": kl / max(tokens, 1.0), "response_length_mean": tokens / count,
                "truncated_frac": truncated / count, "fgo_masked_frac": masked / max(tokens, 1.0),
+               # FGO's mechanism, in every arm: the generated tokens on lines no test ran, and the share of
+               # the policy gradient's weight (|advantage| x loss mask) they receive: 0 with FGO
+               "unexecuted_frac": unexecuted / max(tokens, 1.0),
+               "unexecuted_grad_share": unexecuted_weights / weights if weights else 0.0,
+               "full_generation_frac": full / count,  # rollouts writing the whole program (no CCCS prefix)
                "outcomes": outcomes, "sandbox_wall_timeouts": wall_timeouts}
     metrics.update({name: value for name, value in update.items()})
     metrics.update(rollout_mismatch(batch, experience))
@@ -470,7 +483,14 @@ def select_eval_problems(config: TrainConfig) -> list[Problem]:
 def held_out_evaluation(engine, tokenizer, problems: list[Problem], sandbox: Sandbox, config: TrainConfig,
                         step: int, logger: Logger) -> None:
     """Full programs sampled by the run's engine at eval_temperature (top_p 1), judged as `evaluate`
-    judges them; the row goes to metrics.jsonl and the per-problem counts to eval/step-N.json."""
+    judges them; the row goes to metrics.jsonl and the per-problem counts to eval/step-N.json. Step 0 is
+    read from --start_evaluation when given (raises ValueError when it is not over these problems)."""
+    if step == 0 and config.start_evaluation is not None:
+        evaluation = Evaluation.read(Path(config.start_evaluation), [p.id for p in problems], config.eval_samples)
+        if logger.enabled:
+            evaluation.save(logger.output)
+            logger.evaluation(evaluation.row(config.eval_data, config.eval_temperature))
+        return
     settings = Sampling(config.max_new_tokens, config.eval_temperature)
 
     def sample(prompts: list[str]) -> list[tuple[list[int], list[int]]]:
@@ -542,6 +562,22 @@ def problem_batch(problems: list[Problem], position: int, config: TrainConfig, s
     return chosen[rank * config.problems_per_step:(rank + 1) * config.problems_per_step]
 
 
+def select_warmup(config: TrainConfig, problems: list[Problem]) -> tuple[list[Problem], dict[str, list[str]]]:
+    """The supervised warm-up's problems (--sft_data, else the training problems) and the prefixes each is
+    continued from: every CCCS stage, or with --sft_whole_programs the whole program only. None without a
+    warm-up (--sft_steps 0)."""
+    if config.sft_steps == 0:
+        return [], {}
+    if config.sft_data is not None:
+        problems = load_problems(config.sft_data).problems
+        if not problems:
+            raise DataError(f"no problems to warm up on in {config.sft_data}")
+        if config.sft_data == config.eval_data and world()[0] == 0:
+            print(f"warning: --sft_data {config.sft_data} is the held-out data: the evaluation does not measure "
+                  "generalisation", file=sys.stderr)
+    return problems, cccs_stages(problems, dataclasses.replace(config, no_cccs=config.sft_whole_programs))
+
+
 def cccs_stages(problems: list[Problem], config: TrainConfig) -> dict[str, list[str]]:
     """Each problem's CCCS prefixes (longest first, ending with "" for full generation); with --no_cccs,
     or for a problem without a canonical solution that parses, full generation only (with a warning
@@ -567,8 +603,11 @@ def tokenizer_corpus(problems: list[Problem]) -> list[str]:
 
 
 def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str, list[str]],
-                 resume_from: Path | None, device, eval_problems: list[Problem] = ()) -> tuple:
-    """(policy, reference, tokenizer, save_reference, export_dtype), before any wrapping. The policy is
+                 resume_from: Path | None, device, eval_problems: list[Problem] = (),
+                 sft: tuple[list[Problem], dict[str, list[str]]] | None = None) -> tuple:
+    """(policy, reference, tokenizer, save_reference, export_dtype), before any wrapping; `stages` are every
+    CCCS prefix of `problems` (their prompts must fit), `sft` the warm-up's problems and prefixes
+    (``select_warmup``; default: `problems` at `stages`). The policy is
     in fp32 (the optimizer's master weights, whatever dtype the checkpoint is stored in, which is
     `export_dtype`); the frozen reference in the compute dtype. The reference is the starting policy:
     saved when it is not the base checkpoint as loaded (a warm-up changed it, or the model was built
@@ -591,15 +630,16 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
     else:
         if fresh:  # its context: 1024 positions, or as many as the data needs (APPS+), in steps of 64
             tokenizer = build_default_tokenizer(tokenizer_corpus(problems))
-            longest = max(context_needed(problems, stages, tokenizer, config, eval_problems).values(), default=0)
+            longest = max(context_needed(problems, stages, tokenizer, config, eval_problems, sft).values(),
+                          default=0)
             policy = build_default_model(tokenizer, config.seed, config.n_layer, config.n_embd,
                                          max(1024, -(-longest // 64) * 64))
         else:
             policy, tokenizer = load_model(config.model_name_or_path, dtype=torch.float32)
             if config.sft_steps and context_of(policy) is not None:
                 limit = context_of(policy)
-                over = {ident: size for ident, size in context_needed(problems, stages, tokenizer, config).items()
-                        if size > limit}
+                over = {ident: size for ident, size in
+                        context_needed(problems, stages, tokenizer, config, sft=sft).items() if size > limit}
                 if over:
                     ident, size = max(over.items(), key=lambda item: item[1])
                     raise DataError(f"{len(over)} problems need more than the model's {limit} positions for the "
@@ -607,7 +647,7 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
                                     "them out (--limit, --difficulty), or use a model with a longer context")
         without_dropout(policy).to(device)
         if config.sft_steps:
-            loss = supervised_warmup(policy, tokenizer, problems, stages, config, device)
+            loss = supervised_warmup(policy, tokenizer, *(sft or (problems, stages)), config, device)
             if world()[0] == 0:
                 print(f"supervised warm-up: {config.sft_steps} steps, final loss {loss:.3f}")
         reference = copy.deepcopy(policy) if keep_reference and not adapted else None
@@ -712,10 +752,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         eval_problems = select_eval_problems(config)
     except DataError as error:
         sys.exit(f"error: {error}")
-    # the warm-up sees every CCCS stage whatever the RL arm (--no_cccs, --no_fgo): one start for all arms
+    # every CCCS stage's prompt must fit whatever the RL arm (--no_cccs, --no_fgo), and the warm-up is the
+    # same in every arm: one start for all arms
     warmup_stages = cccs_stages(problems, dataclasses.replace(config, no_cccs=False))
     stages = cccs_stages(problems, config) if config.no_cccs else warmup_stages
-    config = sized_warmup(config, problems, warmup_stages)
+    try:
+        sft = select_warmup(config, problems)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    config = sized_warmup(config, *sft)
     if rank == 0:
         print(to_json(config))
         (output / "config.json").write_text(to_json(config))
@@ -726,7 +771,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
     try:
         policy, reference, tokenizer, save_reference, export_dtype = build_models(
-            config, problems, warmup_stages, resume_from, device, eval_problems)
+            config, problems, warmup_stages, resume_from, device, eval_problems, sft)
     except DataError as error:  # data the model's context cannot hold, said before any training
         sys.exit(f"error: {error}")
     build_seconds = time.perf_counter() - started
@@ -789,13 +834,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         sandbox = open_sandbox(config.sandbox_url, workers=sandbox_workers(config), timeout=config.sandbox_timeout,
                                wall_timeout=config.sandbox_wall_timeout, memory_mb=config.sandbox_memory_mb,
-                               trace=not config.no_fgo,
-                               stop_on_first_failure=config.no_fgo or config.fgo_coverage == "first_failure")
+                               trace=True,  # with --no_fgo too: the lines no test ran are measured in every arm
+                               stop_on_first_failure=config.fgo_coverage == "first_failure")
     except SandboxError as error:  # no server answered, or one refused the token
         sys.exit(f"error: sandbox_url: {error}")
     with sandbox:
         if eval_problems and first_step == 0:
-            held_out_evaluation(engine, tokenizer, eval_problems, sandbox, config, 0, logger)
+            try:
+                held_out_evaluation(engine, tokenizer, eval_problems, sandbox, config, 0, logger)
+            except ValueError as error:  # a --start_evaluation file that does not fit this run
+                sys.exit(f"error: {error}")
         started, evaluating = time.perf_counter(), logger.eval_seconds
         progress = tqdm(range(first_step, last_step), desc="ppo", unit="step", disable=rank != 0)
         for step in progress:

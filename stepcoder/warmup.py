@@ -93,16 +93,22 @@ def supervised_warmup(policy, tokenizer, problems: list[Problem], stages: dict[s
 
 
 def context_needed(problems: list[Problem], stages: dict[str, list[str]], tokenizer, config: TrainConfig,
-                   eval_problems: list[Problem] = ()) -> dict[str, int]:
-    """Per problem, the positions it needs: its longest warm-up example (prompt + the rest of the solution,
-    with --sft_steps), and its longest prompt plus --max_new_tokens (held-out problems: full generation)."""
+                   eval_problems: list[Problem] = (),
+                   sft: tuple[list[Problem], dict[str, list[str]]] | None = None) -> dict[str, int]:
+    """Per problem, the positions it needs: its longest prompt (at `stages`) plus --max_new_tokens (held-out
+    problems: full generation), and with --sft_steps each warm-up example (`sft`'s problems at their
+    prefixes, by default `problems` at `stages`): prompt + the rest of the solution."""
     chat = chat_option(config.chat)
-    needed = {}
+    needed: dict[str, int] = {}
     for problem in problems:
         prompt = len(encode_prompts(tokenizer, [build_prompt(problem, stages[problem.id][0], tokenizer, chat)])
                      ["input_ids"][0])
-        examples = warmup_examples([problem], stages, tokenizer, chat) if config.sft_steps else []
-        needed[problem.id] = max([prompt + config.max_new_tokens] + [len(p) + len(t) for p, t in examples])
+        needed[problem.id] = prompt + config.max_new_tokens
+    if config.sft_steps:
+        sft_problems, sft_stages = sft or (problems, stages)
+        for problem in sft_problems:
+            examples = warmup_examples([problem], sft_stages, tokenizer, chat)
+            needed[problem.id] = max([needed.get(problem.id, 0)] + [len(p) + len(t) for p, t in examples])
     for problem in eval_problems:
         prompt = encode_prompts(tokenizer, [build_prompt(problem, "", tokenizer, chat)])["input_ids"][0]
         needed[problem.id] = max(needed.get(problem.id, 0), len(prompt) + config.max_new_tokens)

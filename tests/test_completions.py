@@ -55,9 +55,10 @@ def test_prompt_ends_inside_a_code_block_with_starter_and_prefix():
                       solutions=["def sign(n):\n    return 0\n"], tests=[TestCase([1], 1)], kind="function", entry="sign")
     prompt = build_prompt(problem, prefix="def sign(n):\n    if n > 0:\n")
     assert prompt.startswith("### Question:\nReturn the sign of n.")
-    assert prompt.endswith("```python\ndef sign(n):\n    if n > 0:\n")
+    assert prompt.endswith("```python\ndef sign(n):\n    if n > 0:")  # the completion opens the next line
+    assert build_prompt(problem).endswith("```python\ndef sign(n):\n")  # full generation: the starter code
     assert "`sign`" in prompt
-    assert problem.program("        return 1\n    return -1\n```", "def sign(n):\n    if n > 0:\n") == \
+    assert problem.program("\n        return 1\n    return -1\n```", "def sign(n):\n    if n > 0:\n") == \
         "def sign(n):\n    if n > 0:\n        return 1\n    return -1\n"
 
 

@@ -104,3 +104,37 @@ def test_the_weight_scales_each_tokens_policy_loss_and_hf_rollouts_get_none():
     each = ppo_token_losses(logp, entropy, old, advantages)["per_token"]
     expected = (each * weights * batch.policy_mask.double()).sum() / tokens
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("no_fgo", [False, True])
+def test_never_run_tokens_and_their_gradient_share_are_measured_in_every_arm(no_fgo):
+    """step_metrics' FGO figures against a count by hand: the share of generated tokens on lines no test ran
+    (the same with and without FGO), and the share of the policy gradient's weight, |advantage| x loss mask,
+    that lands on them: none with FGO, their |advantage|-weighted share without it."""
+    from stepcoder.config import parse_config
+    from stepcoder.data import load_builtin
+    from stepcoder.models import build_default_tokenizer
+
+    problems = load_builtin().problems[:2]
+    tokenizer = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
+    config = parse_config(["--output_dir", "unused", "--advantage", "grpo", "--rollouts_per_prompt", "2",
+                           "--kl_coef", "0"] + (["--no_fgo"] if no_fgo else []))
+    generator = torch.Generator().manual_seed(7)
+    samples = []
+    for index, problem in enumerate(problems * 2):
+        length = 4 + index
+        executed = (torch.rand(length, generator=generator) > 0.4).long().tolist()
+        samples.append(train.Sample(problem, 0, "prefix\n" if index == 1 else "", [5, 6], [9] * length, "",
+                                    verdict=("pass", "wrong_answer")[index % 2], executed=executed,
+                                    fgo=[1] * length if no_fgo else executed))
+    batch = train.pad_batch(samples, tokenizer, config, "cpu")
+    advantages = torch.randn(batch.responses.shape, generator=generator) * batch.action_mask
+    experience = {"advantages": advantages, "kl": torch.zeros_like(advantages), "ref_logp": None,
+                  "old_logp": torch.zeros_like(advantages), "is_weights": torch.ones_like(advantages)}
+    metrics = train.step_metrics(1, samples, batch, experience, {}, None, {})
+    never = [(abs(float(a)), e == 0) for s, row in zip(samples, advantages) for e, a in zip(s.executed, row)]
+    assert metrics["unexecuted_frac"] == pytest.approx(sum(n for _, n in never) / len(never))
+    expected = 0.0 if not no_fgo else sum(w for w, n in never if n) / sum(w for w, _ in never)
+    assert metrics["unexecuted_grad_share"] == pytest.approx(expected)
+    assert 0 < sum(n for _, n in never) < len(never) and (expected > 0) is no_fgo
+    assert metrics["full_generation_frac"] == 0.75  # one rollout of four continued a prefix

@@ -314,10 +314,12 @@ def test_prompts_that_cannot_fit_the_context_are_an_error_naming_the_problem():
     train.check_prompts_fit(model, tokenizer, problems, stages, parse_config(["--output_dir", "unused"]))
 
 
-@pytest.mark.parametrize("coverage, stops", [("all_tests", False), ("first_failure", True)])
-def test_fgo_coverage_chooses_how_many_tests_run(tmp_path, monkeypatch, coverage, stops):
+@pytest.mark.parametrize("coverage, stops, arm", [("all_tests", False, []), ("first_failure", True, []),
+                                                  ("all_tests", False, ["--no_fgo"])])
+def test_fgo_coverage_chooses_how_many_tests_run(tmp_path, monkeypatch, coverage, stops, arm):
     """all_tests (the paper's coverage, the default): every test runs, so FGO sees the lines later tests
-    take; the verdict is still the first failure's (tests/test_sandbox.py)."""
+    take; the verdict is still the first failure's (tests/test_sandbox.py). Lines are traced with --no_fgo
+    too, where what FGO would mask is measured but nothing is masked."""
     made = []
 
     class Recorded(train.Sandbox):
@@ -326,8 +328,10 @@ def test_fgo_coverage_chooses_how_many_tests_run(tmp_path, monkeypatch, coverage
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(remote, "Sandbox", Recorded)  # the trainer opens its pool through remote.open_sandbox
-    run(tmp_path, "--total_steps", "1", "--sft_steps", "0", "--max_new_tokens", "4", "--fgo_coverage", coverage)
-    assert made[0]["stop_on_first_failure"] is stops
+    (row,) = run(tmp_path, "--total_steps", "1", "--sft_steps", "0", "--max_new_tokens", "4", "--fgo_coverage",
+                 coverage, *arm)
+    assert made[0]["stop_on_first_failure"] is stops and made[0]["trace"] is True
+    assert "unexecuted_frac" in row and (row["fgo_masked_frac"] == 0) is bool(arm)
     assert parse_config(["--output_dir", "x"]).fgo_coverage == "all_tests"
 
 

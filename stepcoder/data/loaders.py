@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 from stepcoder.data.problem import CALL_SETUP, DIFFICULTIES, DataError, Problem
 from stepcoder.data.synthetic import load_synthetic
+from stepcoder.data.synthetic_long import load_synthetic_long
 from stepcoder.sandbox import TestCase
 
 BUILTIN_FILE = "builtin_problems.json"
@@ -31,10 +32,13 @@ class Loaded:
 
 def load_problems(spec: str, skip_bad: bool = False) -> Loaded:
     """Loads ``apps_plus:PATH``, ``apps:DIR``, ``humaneval``, ``mbpp:PATH``, ``builtin`` or
-    ``synthetic:train|heldout|heldout:SEED`` (generated, see ``stepcoder.data.synthetic``)."""
+    ``synthetic:train|heldout|heldout:SEED`` (generated, see ``stepcoder.data.synthetic``) or
+    ``synthetic-long:train|warmup|heldout|heldout:SEED`` (``stepcoder.data.synthetic_long``)."""
     name, _, path = spec.partition(":")
     if name == "synthetic":
         return Loaded(load_synthetic(path))
+    if name == "synthetic-long":
+        return Loaded(load_synthetic_long(path))
     loaders: dict[str, Callable[..., Loaded]] = {"apps_plus": load_apps_plus, "apps": load_apps, "mbpp": load_mbpp}
     if name in ("humaneval", "builtin"):
         if path:
@@ -42,7 +46,7 @@ def load_problems(spec: str, skip_bad: bool = False) -> Loaded:
         return load_humaneval(skip_bad=skip_bad) if name == "humaneval" else load_builtin(skip_bad=skip_bad)
     if name not in loaders:
         raise DataError(f"--data {spec}: unknown source {name!r}; expected apps_plus:PATH, apps:DIR, humaneval, "
-                        "mbpp:PATH, builtin or synthetic:SPLIT")
+                        "mbpp:PATH, builtin, synthetic:SPLIT or synthetic-long:SPLIT")
     if not path:
         raise DataError(f"--data {spec}: {name} needs a path, as in {name}:PATH")
     return loaders[name](path, skip_bad=skip_bad)

@@ -47,9 +47,15 @@ class Problem:
     metadata: dict = field(default_factory=dict)
 
     def context(self, prefix: str = "") -> str:
-        """The code a prompt ends with, which the completion continues: a CCCS prefix (canonical
-        code from the top, so it holds the starter code) or, for full generation, the starter code."""
-        return prefix or self.starter_code
+        """The code a prompt ends with, which the completion continues: for full generation the starter
+        code; for a CCCS prefix (whole lines of canonical code from the top, so it holds the starter code)
+        the prefix without its last newline, which the completion opens. A byte-level BPE spells a newline
+        with the next line's indentation as one token ("\n    "), so a prompt ending in "\n" leaves the
+        model a token boundary whole programs never have: a model warmed up on whole programs wrote the
+        next `elif` unindented (a compile error) in half of the prompts that cut inside a function."""
+        if prefix:
+            return prefix[:-1] if prefix.endswith("\n") else prefix
+        return self.starter_code
 
     def program(self, completion: str, prefix: str = "") -> str:
         """The program judged for a completion generated after ``context(prefix)``."""

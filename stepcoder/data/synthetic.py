@@ -123,13 +123,8 @@ class Spec:
 
     def solution(self) -> str:
         indent = "    " if self.kind == "function" else ""
-        if self.kind == "function":
-            lines = [f"def {self.name}({', '.join(self.inputs)}):"]
-        elif len(self.inputs) == 1:
-            lines = [f"{self.inputs[0]} = int(input())"]
-        else:
-            lines = [f"{', '.join(self.inputs)} = map(int, input().split())"]
-        lines.append(f"{indent}{self.derived[0]} = {self.derived[1].code()}")
+        lines = [opening_line(self.kind, self.name, self.inputs),
+                 f"{indent}{self.derived[0]} = {self.derived[1].code()}"]
 
         def answer(outcome: Outcome) -> str:
             return f"return {outcome.code()}" if self.kind == "function" else f"print({outcome.code()})"
@@ -142,16 +137,9 @@ class Spec:
         return "\n".join(lines) + "\n"
 
     def question(self) -> str:
-        if self.kind == "function":
-            given = (f"The function {self.name}({', '.join(self.inputs)}) takes "
-                     + ("an integer " + self.inputs[0] if len(self.inputs) == 1 else
-                        f"two integers {self.inputs[0]} and {self.inputs[1]}") + ".")
-            verb = "return"
-        else:
-            given = ("The input is one integer " + self.inputs[0] if len(self.inputs) == 1 else
-                     f"The input is one line with two integers {self.inputs[0]} and {self.inputs[1]}") + "."
-            verb = "print"
-        sentences = [given, f"Let {self.derived[0]} be {self.derived[1].words()}."]
+        verb = "return" if self.kind == "function" else "print"
+        sentences = [given_sentence(self.kind, self.name, self.inputs),
+                     f"Let {self.derived[0]} be {self.derived[1].words()}."]
         for index, (condition, outcome) in enumerate(self.rules):
             lead = "If" if index == 0 else "Otherwise, if"
             sentences.append(f"{lead} {condition.words()}, {outcome.words(verb)}.")
@@ -159,10 +147,33 @@ class Spec:
         return " ".join(sentences)
 
 
-def _draw_spec(rng: random.Random) -> Spec:
+def opening_line(kind: str, name: str | None, inputs: tuple[str, ...]) -> str:
+    """A program's first line: the function's signature, or reading the input."""
+    if kind == "function":
+        return f"def {name}({', '.join(inputs)}):"
+    if len(inputs) == 1:
+        return f"{inputs[0]} = int(input())"
+    return f"{', '.join(inputs)} = map(int, input().split())"
+
+
+def given_sentence(kind: str, name: str | None, inputs: tuple[str, ...]) -> str:
+    """A question's first sentence: what the program is given."""
+    if kind == "function":
+        return (f"The function {name}({', '.join(inputs)}) takes "
+                + ("an integer " + inputs[0] if len(inputs) == 1 else f"two integers {inputs[0]} and {inputs[1]}") + ".")
+    return ("The input is one integer " + inputs[0] if len(inputs) == 1 else
+            f"The input is one line with two integers {inputs[0]} and {inputs[1]}") + "."
+
+
+def draw_inputs(rng: random.Random) -> tuple[str, bool, tuple[str, ...]]:
+    """(kind, whether there are two inputs, their names): stdin programs or functions, one or two integers."""
     kind = rng.choice(("stdin", "function"))
     two = rng.random() < 0.5
-    inputs = (("a", "b") if kind == "stdin" else ("x", "y")) if two else (("n",) if kind == "stdin" else ("x",))
+    return kind, two, (("a", "b") if kind == "stdin" else ("x", "y")) if two else (("n",) if kind == "stdin" else ("x",))
+
+
+def _draw_spec(rng: random.Random) -> Spec:
+    kind, two, inputs = draw_inputs(rng)
     derived_name = rng.choice(("s", "t", "d", "m", "k"))
     op = rng.choice(tuple(ARITHMETIC))
     if two and rng.random() < 0.5 and op in "+-*":
@@ -201,20 +212,35 @@ def held_out_space(solution: str) -> bool:
     return hashlib.sha256(solution.encode()).digest()[0] % HELDOUT_SHARE == 0
 
 
-def _problem(spec: Spec, rng: random.Random, ident: str) -> Problem:
-    tests = []
-    for _ in range(rng.randint(2, 4)):
+def make_problem(spec, rng: random.Random, ident: str, tests: int, difficulty: str) -> Problem:
+    """The Problem for a spec (``kind``, ``inputs``, ``name``, ``answer``, ``solution``, ``question``) with
+    `tests` random inputs in 0..99, their expected outputs computed by ``spec.answer`` from the rules."""
+    cases = []
+    for _ in range(tests):
         values = tuple(rng.randint(0, 99) for _ in spec.inputs)
         answer = spec.answer(values)
         if spec.kind == "stdin":
-            tests.append(TestCase(" ".join(map(str, values)) + "\n", f"{answer}\n"))
+            cases.append(TestCase(" ".join(map(str, values)) + "\n", f"{answer}\n"))
         else:
-            tests.append(TestCase(list(values), answer))
+            cases.append(TestCase(list(values), answer))
     solution = spec.solution()
     starter = solution.splitlines(keepends=True)[0] if spec.kind == "function" else ""
-    return Problem(id=ident, question=spec.question(), starter_code=starter, solutions=[solution], tests=tests,
-                   kind=spec.kind, entry=spec.name, difficulty="introductory" if len(spec.rules) <= 2 else "interview",
-                   source="synthetic")
+    return Problem(id=ident, question=spec.question(), starter_code=starter, solutions=[solution], tests=cases,
+                   kind=spec.kind, entry=spec.name, difficulty=difficulty, source="synthetic")
+
+
+def distinct_problems(rng: random.Random, draw, belongs, size: int, make) -> list[Problem]:
+    """`size` problems with distinct canonical solutions: specs from ``draw(rng)`` whose solution
+    ``belongs`` to the wanted space, each made into a Problem by ``make(spec, index)``."""
+    problems, seen = [], set()
+    while len(problems) < size:
+        spec = draw(rng)
+        solution = spec.solution()
+        if solution in seen or not belongs(solution):
+            continue
+        seen.add(solution)
+        problems.append(make(spec, len(problems)))
+    return problems
 
 
 def generate(split: str, seed: int, size: int) -> list[Problem]:
@@ -223,15 +249,10 @@ def generate(split: str, seed: int, size: int) -> list[Problem]:
         raise DataError(f"synthetic:{split}: unknown split; expected synthetic:train, synthetic:heldout or "
                         "synthetic:heldout:SEED")
     rng = random.Random(f"stepcoder-synthetic-{split}-{seed}")
-    problems, seen = [], set()
-    while len(problems) < size:
-        spec = _draw_spec(rng)
-        solution = spec.solution()
-        if solution in seen or held_out_space(solution) != (split == "heldout"):
-            continue
-        seen.add(solution)
-        problems.append(_problem(spec, rng, f"synthetic/{split}-{seed}/{len(problems):04d}"))
-    return problems
+    return distinct_problems(rng, _draw_spec, lambda solution: held_out_space(solution) == (split == "heldout"), size,
+                             lambda spec, index: make_problem(spec, rng, f"synthetic/{split}-{seed}/{index:04d}",
+                                                              rng.randint(2, 4), "introductory" if len(spec.rules) <= 2
+                                                              else "interview"))
 
 
 def load_synthetic(spec: str) -> list[Problem]:

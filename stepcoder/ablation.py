@@ -40,6 +40,7 @@ import numpy as np
 
 from stepcoder.config import SMALL_MODEL_PRESET, ConfigError, TrainConfig, build_parser, parse_config
 from stepcoder.heldout import Evaluation
+from stepcoder.metrics import KS
 from stepcoder.output import new_figure, save_figure, write_atomically
 
 ARMS = {"full": [], "no_fgo": ["--no_fgo"], "no_cccs": ["--no_cccs"], "vanilla": ["--no_fgo", "--no_cccs"]}
@@ -294,6 +295,8 @@ def table(runs: dict[str, list[dict]]) -> dict:
         result[arm] = {
             "pass@1": float(after.mean()), "pass@1_ci95": interval(after),
             "pass@1_per_seed": [float(row.mean()) for row in after],
+            "pass@k": {str(k): float(np.mean([run["evaluations"][run["after"]].pass_at(k) for run in seeds]))
+                       for k in KS if k <= seeds[0]["evaluations"][seeds[0]["after"]].samples},
             "gain": float(gain.mean()), "gain_ci95": interval(gain),
             "start_pass@1": float(rates(seeds, "before").mean()),
             "curve": [(step, float(rates(seeds, step).mean()), interval(rates(seeds, step))) for step in shared_steps],
@@ -334,12 +337,15 @@ def markdown(rows: dict, paired: dict, title: str) -> str:
     def points(low_high) -> str:
         return f"{100 * low_high[0]:+.1f} to {100 * low_high[1]:+.1f}"
 
-    head = ("| arm | held-out pass@1 (%) | 95% CI | per seed | gain over start (points) | 95% CI | rollouts passing: "
-            "first step / mean (%) | whole-program rollouts (%) | never-run tokens (%) | their gradient share (%) |")
+    ks = [k for k in next(iter(rows.values()))["pass@k"] if k != "1"]
+    head = ("| arm | held-out pass@1 (%) | 95% CI | per seed | " + "".join(f"pass@{k} | " for k in ks)
+            + "gain over start (points) | 95% CI | rollouts passing: first step / mean (%) | whole-program "
+            "rollouts (%) | never-run tokens (%) | their gradient share (%) |")
     lines = [f"### {title}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for arm, row in rows.items():
         lines.append(f"| {arm} | {pct(row['pass@1'])} | {pct(row['pass@1_ci95'][0])}–{pct(row['pass@1_ci95'][1])} | "
                      + ", ".join(pct(v) for v in row["pass@1_per_seed"]) + " | "
+                     + "".join(f"{pct(row['pass@k'][k])} | " for k in ks)
                      + f"{100 * row['gain']:+.1f} | {points(row['gain_ci95'])} | "
                      + f"{pct(row['reward_density_first_step'])} / {pct(row['reward_density_mean'])} | "
                      + f"{pct(row['full_generation_frac_mean'])} | {pct(row['unexecuted_frac'])} | "

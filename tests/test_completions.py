@@ -57,6 +57,8 @@ def test_prompt_ends_inside_a_code_block_with_starter_and_prefix():
     assert prompt.startswith("### Question:\nReturn the sign of n.")
     assert prompt.endswith("```python\ndef sign(n):\n    if n > 0:")  # the completion opens the next line
     assert build_prompt(problem).endswith("```python\ndef sign(n):\n")  # full generation: the starter code
+    # a CCCS prefix no longer than the starter code is the whole program's prompt, boundary and all
+    assert build_prompt(problem, prefix="def sign(n):\n") == build_prompt(problem)
     assert "`sign`" in prompt
     assert problem.program("\n        return 1\n    return -1\n```", "def sign(n):\n    if n > 0:\n") == \
         "def sign(n):\n    if n > 0:\n        return 1\n    return -1\n"

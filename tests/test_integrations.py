@@ -183,8 +183,8 @@ def scripted(trainer, problems, dataset, tokenizer):
         for ids in prompt_ids:
             text = tokenizer.decode(ids)
             problem = next(p for q, p in by_question.items() if q in text)
-            prefix = dataset.curriculum.prefix(problem.id)
-            rest = problem.solutions[0][len(prefix):] if prefix else problem.solutions[0]
+            context = problem.context(dataset.curriculum.prefix(problem.id))  # what the prompt ends with
+            rest = problem.solutions[0][len(context):] if context else problem.solutions[0]
             turn = turns[problem.id] = turns.get(problem.id, -1) + 1
             body = [rest + DEAD_CODE, rest + "\n1/0\n", "def (:\n"][turn % 3]
             ids = tokenizer(body + "\n```", add_special_tokens=False)["input_ids"]
@@ -295,7 +295,7 @@ def test_the_curriculum_callback_advances_a_stage_and_the_dataset_follows():
     callback.on_step_end(None, None, None)
     after = dataset[target]
     assert (before["stage"], after["stage"]) == (0, 1) and len(after["prefix"]) < len(before["prefix"])
-    assert after["prompt"].endswith(after["prefix"]) and before["prompt"] != after["prompt"]
+    assert after["prompt"].endswith(problems[target].context(after["prefix"])) and before["prompt"] != after["prompt"]
     reward.pending = [(ident, 0, True), (ident, 1, False)]  # a stale rollout (stage 0) is not counted
     callback.on_step_end(None, None, None)
     assert dataset[target]["stage"] == 1 and reward.pending == []

@@ -331,7 +331,9 @@ def test_fgo_coverage_chooses_how_many_tests_run(tmp_path, monkeypatch, coverage
     (row,) = run(tmp_path, "--total_steps", "1", "--sft_steps", "0", "--max_new_tokens", "4", "--fgo_coverage",
                  coverage, *arm)
     assert made[0]["stop_on_first_failure"] is stops and made[0]["trace"] is True
-    assert "unexecuted_frac" in row and (row["fgo_masked_frac"] == 0) is bool(arm)
+    # FGO masks exactly the never-run tokens it measures; without FGO they are measured and kept
+    assert row["fgo_masked_frac"] == (0.0 if arm else row["unexecuted_frac"])
+    assert (row["unexecuted_grad_share"] == 0.0) or bool(arm)
     assert parse_config(["--output_dir", "x"]).fgo_coverage == "all_tests"
 
 
@@ -504,3 +506,53 @@ def test_the_default_tokenizer_spells_the_closing_fence_as_one_token():
     prompt = build_prompt(problems[0], "", None, False)
     plain = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
     assert len(tokenizer(prompt)["input_ids"]) < len(plain(prompt)["input_ids"])
+
+
+def test_the_warm_up_can_take_other_problems_and_whole_programs_only(tmp_path):
+    """--sft_data warms up on problems the run never trains on (the long family's warm-up split), and
+    --sft_whole_programs on their whole programs only: one example per problem, the solution after its
+    starter code; by default the training problems at every CCCS stage; none without a warm-up."""
+    base = ["--output_dir", str(tmp_path), "--data", "synthetic-long:train", "--sft_steps", "5"]
+    problems = train.select_problems(parse_config(base))
+    default_problems, default_stages = train.select_warmup(parse_config(base), problems)
+    assert default_problems is problems and all(len(default_stages[p.id]) >= 3 for p in problems)
+    config = parse_config([*base, "--sft_data", "synthetic-long:warmup", "--sft_whole_programs"])
+    sft_problems, sft_stages = train.select_warmup(config, problems)
+    assert {p.id.split("/")[1] for p in sft_problems} == {"warmup-0"} and len(sft_problems) == 4000
+    assert not {p.solutions[0] for p in sft_problems} & {p.solutions[0] for p in problems}
+    assert set(map(tuple, sft_stages.values())) == {("",)}
+    tokenizer = build_default_tokenizer(train.tokenizer_corpus(problems))
+    examples = warmup.warmup_examples(sft_problems[:20], sft_stages, tokenizer, False)
+    assert len(examples) == 20
+    for problem, (_, target) in zip(sft_problems, examples):
+        body = problem.solutions[0][len(problem.starter_code):]
+        assert tokenizer.decode(target, skip_special_tokens=True) == body + "```"
+    assert train.select_warmup(parse_config([*base, "--sft_steps", "0"]), problems) == ([], {})
+    with pytest.raises(DataError, match="synthetic-long:nope"):
+        train.select_warmup(parse_config([*base, "--sft_data", "synthetic-long:nope"]), problems)
+    # the small model's context holds the warm-up's examples too (they are longer than any prompt here)
+    needed = warmup.context_needed(problems[:3], default_stages, tokenizer, config, sft=(sft_problems[:50], sft_stages))
+    assert set(needed) == {p.id for p in problems[:3]} | {p.id for p in sft_problems[:50]}
+
+
+def test_a_start_evaluation_is_reused_only_for_the_same_problems(tmp_path):
+    """--start_evaluation: a saved step-0 evaluation over exactly this run's held-out problems and samples
+    stands in for evaluating step 0 again (no time counted); any other file is refused, naming it."""
+    from stepcoder.heldout import Evaluation
+
+    saved = Evaluation(0, 1, {"a": 1, "b": 0}, {"pass": 1, "wrong_answer": 1}, 12.5)
+    saved.save(tmp_path)
+    file = tmp_path / "eval" / "step-0.json"
+    reused = Evaluation.read(file, ["b", "a"], 1)
+    assert (reused.passed, reused.outcomes, reused.seconds) == (saved.passed, saved.outcomes, 0.0)
+    for problems, samples, message in ((["a"], 1, "2 problems x 1 samples"), (["a", "b"], 4, "not of this run")):
+        with pytest.raises(ValueError, match=message):
+            Evaluation.read(file, problems, samples)
+    Evaluation(3, 1, {"a": 1, "b": 0}, {}, 1.0).save(tmp_path)
+    with pytest.raises(ValueError, match="at step 3"):
+        Evaluation.read(tmp_path / "eval" / "step-3.json", ["a", "b"], 1)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json: not an evaluation"):
+        Evaluation.read(tmp_path / "bad.json", ["a", "b"], 1)
+    with pytest.raises(ConfigError, match="start_evaluation: .* is not a file"):
+        parse_config(["--output_dir", str(tmp_path), "--start_evaluation", str(tmp_path / "missing.json")])

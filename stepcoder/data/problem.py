@@ -52,8 +52,9 @@ class Problem:
         the prefix without its last newline, which the completion opens. A byte-level BPE spells a newline
         with the next line's indentation as one token ("\n    "), so a prompt ending in "\n" leaves the
         model a token boundary whole programs never have: a model warmed up on whole programs wrote the
-        next `elif` unindented (a compile error) in half of the prompts that cut inside a function."""
-        if prefix:
+        next `elif` unindented (a compile error) in half of the prompts that cut inside a function. A
+        prefix holding no more than the starter code is the whole program's prompt, boundary included."""
+        if len(prefix) > len(self.starter_code):
             return prefix[:-1] if prefix.endswith("\n") else prefix
         return self.starter_code
 

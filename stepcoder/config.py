@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -183,6 +184,10 @@ class TrainConfig:
     stop_after_steps: int | None = field(default=None, metadata={"help": "exit after this many steps of this run "
                                                                            "(e.g. to test resuming)"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    dist_timeout_minutes: float = field(default=60.0, metadata={
+        "help": "how long a rank waits at a collective for the others (torch's NCCL default is 10): rank 0 alone "
+                "hashes a checkpoint before a barrier, about 100 GB for 6.7B with its optimizer states, which "
+                "takes minutes on a network file system"})
 
 
 # With no --model_name_or_path the trainer builds a small model from scratch (the embedded default run);
@@ -234,7 +239,7 @@ POSITIVE = ("n_layer", "n_embd", "problems_per_step", "rollouts_per_prompt", "ma
             "ppo_epochs", "num_mini_batches", "gradient_accumulation_steps", "sandbox_memory_mb",
             "sample_every", "eval_samples", "eval_batch_size", "save_steps", "save_total_limit", "learning_rate",
             "forward_batch_size", "critic_learning_rate", "sft_learning_rate", "sandbox_timeout",
-            "max_grad_norm", "vllm_tensor_parallel_size", "rollout_is_cap")
+            "max_grad_norm", "vllm_tensor_parallel_size", "rollout_is_cap", "dist_timeout_minutes")
 NON_NEGATIVE = ("total_steps", "sft_steps", "cliprange", "cliprange_value", "kl_coef", "entropy_coef", "seed", "truncation_penalty",
                 "warmup_steps", "lora_r", "lora_dropout", "temperature")
 
@@ -371,6 +376,31 @@ def read_config_file(path: str) -> dict:
     if unknown:
         raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
     return {name: _convert(name, value, f"{path}:") for name, value in data.items()}
+
+
+# What each optional part needs installed, and the command that installs it (README.md: "Install").
+INSTALLS = {"vllm": ("vllm", 'pip install -e ".[vllm]" on a GPU machine; on a CPU one the three lines of README.md\'s '
+                     '"vLLM (optional)" section'),
+            "tensorboard": ("tensorboard", "pip install tensorboard")}
+
+
+def not_installed(option: str, value: str) -> str | None:
+    """The error for `option value` where it needs a package this Python lacks (naming the install
+    command), else None."""
+    if value not in INSTALLS or importlib.util.find_spec(INSTALLS[value][0]) is not None:
+        return None
+    package, command = INSTALLS[value]
+    return f"{option} {value}: the {package} package is not installed in this Python ({sys.executable}); install it with {command}"
+
+
+def check_installed(config: TrainConfig) -> None:
+    """Raises ConfigError where the run asks for a package this Python lacks: before any work, so that
+    minutes of warm-up do not end in an ImportError. Apart from `validate`, which also serves
+    `python -m stepcoder.plan`, where planning a GPU run on a machine without vLLM is fine."""
+    for option in ("rollout_engine", "report_to"):
+        message = not_installed(option, getattr(config, option))
+        if message:
+            raise ConfigError(message)
 
 
 def validate(config: TrainConfig) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -54,11 +55,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def setup(device_name: str | None) -> torch.device:
-    """Joins the process group under torchrun (NCCL on GPUs, gloo on CPUs) and picks this rank's device."""
+def setup(device_name: str | None, timeout_minutes: float = 60.0) -> torch.device:
+    """Joins the process group under torchrun (NCCL on GPUs, gloo on CPUs) and picks this rank's device.
+    `timeout_minutes` bounds every collective: long enough for rank 0's lone work between two of them
+    (hashing a checkpoint), short enough that a dead rank ends the run rather than hanging it."""
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
     device = torch.device(device_name or ("cuda" if use_cuda else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

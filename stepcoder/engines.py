@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stepcoder.checkpoint import rng_state, set_rng_state
 from stepcoder.detokenize import code_tokens, continuation
 from stepcoder.distributed import gathered, unwrap, world
 from stepcoder.generation import encode_prompts, only_these_settings, sampling_config
@@ -133,12 +134,16 @@ class VLLMEngine:
         self.group = None
         if world_size > 1 and tensor_parallel_size > 1:
             self.group = _tensor_parallel_group(tensor_parallel_size)
+        # vLLM seeds Python's, NumPy's and torch's global generators with `seed` as it starts; the trainer
+        # starts it after a resume restored them from the checkpoint, so they are put back as they were.
+        callers = rng_state()
         self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype=dtype, max_model_len=max_model_len,
                        seed=seed + rank // tensor_parallel_size, load_format=load_format,
                        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                        enable_sleep_mode=enable_sleep_mode, enable_prefix_caching=True,
                        enforce_eager=self.on_cpu, generation_config="vllm",
                        logprobs_mode="processed_logprobs", **options)
+        set_rng_state(callers)
 
     def generate(self, prompts: list[str], sampling: Sampling) -> list[Generation]:
         from vllm import SamplingParams

@@ -359,8 +359,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                                      if args.difficulty else ""))
     models = args.model or [None]
     if args.model:
+        from stepcoder.config import not_installed
         from stepcoder.generation import check_model_dir
 
+        if not_installed("--engine", args.engine):
+            sys.exit(f"error: {not_installed('--engine', args.engine)}")
         try:
             for path in args.model:  # every path, before any model is loaded or judged
                 check_model_dir(path)

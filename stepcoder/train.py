@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from stepcoder import checkpoint, kernels, lora, rundir
 from stepcoder.advantages import gae_advantages, group_advantages
 from stepcoder.cccs import Curriculum, problem_stages, reach_warning
-from stepcoder.config import ConfigError, TrainConfig, parse_config, to_json
+from stepcoder.config import ConfigError, TrainConfig, check_installed, parse_config, to_json
 from stepcoder.data import DataError, Problem, load_problems
 from stepcoder.distributed import (
     all_gather,
@@ -722,9 +722,10 @@ def start_engine(config: TrainConfig, policy, tokenizer, longest_prompt: int, de
 def main(argv: list[str] | None = None) -> list[dict]:
     try:
         config = parse_config(argv)
+        check_installed(config)
     except ConfigError as error:
         sys.exit(f"error: {error}")
-    device = setup(config.device)
+    device = setup(config.device, config.dist_timeout_minutes)
     rank, world_size = world()
     if world_size > 1 and config.share_trunk:
         sys.exit("error: share_trunk: a shared trunk is for single-process runs (under torchrun the critic "

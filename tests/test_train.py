@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -556,3 +557,44 @@ def test_a_start_evaluation_is_reused_only_for_the_same_problems(tmp_path):
         Evaluation.read(tmp_path / "bad.json", ["a", "b"], 1)
     with pytest.raises(ConfigError, match="start_evaluation: .* is not a file"):
         parse_config(["--output_dir", str(tmp_path), "--start_evaluation", str(tmp_path / "missing.json")])
+
+
+def test_a_run_needing_a_package_this_python_lacks_is_refused_before_any_work(tmp_path, monkeypatch):
+    """--rollout_engine vllm (or --report_to tensorboard) where the package is missing: refused at once,
+    naming the install command, before the warm-up or the output folder; `python -m stepcoder.evaluate
+    --engine vllm` the same. Parsing alone still accepts it (the planner plans GPU runs on any machine)."""
+    import importlib.util
+
+    from stepcoder import evaluate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name in ("vllm", "tensorboard") else real(name, *args))
+    output = tmp_path / "run"
+    for flags, install in ((["--rollout_engine", "vllm"], 'pip install -e ".[vllm]"'),
+                           (["--report_to", "tensorboard"], "pip install tensorboard")):
+        with pytest.raises(SystemExit, match=re.escape(install)):
+            train.main(["--output_dir", str(output), "--sft_steps", "500", *flags])
+        assert not output.exists()  # nothing ran: no folder claimed, no warm-up
+        assert parse_config(["--output_dir", str(output), *flags])
+    with pytest.raises(SystemExit, match=r"--engine vllm: the vllm package is not installed"):
+        evaluate.main(["--data", "builtin", "--model", str(tmp_path), "--engine", "vllm"])
+
+
+def test_the_process_group_waits_as_long_as_dist_timeout_minutes(monkeypatch):
+    """Every collective is bounded by --dist_timeout_minutes (default 60, where torch's NCCL default of 10
+    can expire while rank 0 alone hashes a 7B checkpoint before a barrier)."""
+    from datetime import timedelta
+
+    from stepcoder import distributed
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kwargs: joined.append(kwargs))
+    for flags, minutes in (([], 60), (["--dist_timeout_minutes", "90"], 90)):
+        config = parse_config(["--output_dir", "x", *flags])
+        distributed.setup("cpu", config.dist_timeout_minutes)
+        assert joined[-1]["timeout"] == timedelta(minutes=minutes)
+    with pytest.raises(ConfigError, match="dist_timeout_minutes"):
+        parse_config(["--output_dir", "x", "--dist_timeout_minutes", "0"])

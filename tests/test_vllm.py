@@ -135,3 +135,32 @@ def test_sleep_mode_is_refused_with_a_clear_message_on_the_cpu(tmp_path):
                           env=environment())
     assert done.returncode != 0
     assert "vllm_enable_sleep_mode: vLLM's sleep mode needs a CUDA or ROCm GPU" in done.stderr
+
+
+def test_starting_the_engine_leaves_the_callers_random_generators_as_they_were(warm_model, monkeypatch):
+    """vLLM seeds Python's, NumPy's and torch's global generators as it starts; a resumed run starts it after
+    restoring them from the checkpoint, so the engine must leave them as it found them (else the resumed
+    run's draws are the engine seed's, not the interrupted run's)."""
+    import random
+
+    import numpy as np
+
+    from stepcoder.checkpoint import rng_state, set_rng_state
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)
+    _, tokenizer = load_model(str(warm_model), device="cpu")
+    random.seed(2024), np.random.seed(2024), torch.manual_seed(2024)
+    random.random(), np.random.rand(), torch.rand(1)  # a state no seed call gives: as after a restore
+    before = rng_state()
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    expected = draws()
+    set_rng_state(before)
+    engine = VLLMEngine(str(warm_model), tokenizer, dtype=torch.float32, max_model_len=256, seed=0,
+                        load_format="auto")
+    try:
+        assert draws() == expected
+    finally:
+        engine.close()

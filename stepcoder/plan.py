@@ -94,7 +94,8 @@ def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = Tru
         lines.append(Line("static", "base weights (frozen, compute dtype; the reference and the critic's too)",
                           compute * held(policy, share), True))
     elif config.kl_coef > 0:  # beta = 0: no reference model
-        reference = 0 if config.reference_offload and sharded else compute * held(policy, share)
+        stored = compute if sharded else 4  # unsharded it runs as the policy does: fp32 under autocast
+        reference = 0 if config.reference_offload and sharded else stored * held(policy, share)
         lines.append(Line("static", "reference weights" + (" (CPU-offloaded)" if reference == 0 else ""), reference,
                           True))
 

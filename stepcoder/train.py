@@ -609,7 +609,8 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
     CCCS prefix of `problems` (their prompts must fit), `sft` the warm-up's problems and prefixes
     (``select_warmup``; default: `problems` at `stages`). The policy is
     in fp32 (the optimizer's master weights, whatever dtype the checkpoint is stored in, which is
-    `export_dtype`); the frozen reference in the compute dtype. The reference is the starting policy:
+    `export_dtype`); the frozen reference in the compute dtype when sharded, else in fp32 (it computes as
+    the policy does). The reference is the starting policy:
     saved when it is not the base checkpoint as loaded (a warm-up changed it, or the model was built
     here), otherwise rebuilt on resume from the base checkpoint by the same deterministic steps.
     With LoRA (lora_r) the policy is those base weights, frozen in the compute dtype, with an adapter
@@ -653,7 +654,12 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
         reference = copy.deepcopy(policy) if keep_reference and not adapted else None
     policy = without_dropout(policy).to(device)
     if reference is not None:
-        reference = without_dropout(reference).to(device=device, dtype=dtype).eval()
+        # The reference computes as the starting policy does, so the KL starts at exactly 0: sharded,
+        # FSDP2's mixed precision casts both to the compute dtype, so the reference is stored in it; else the
+        # policy's fp32 weights run under autocast (matmuls in bf16, norms and softmax in fp32), which a
+        # reference stored in bf16 would not repeat, so it stays in fp32.
+        stored = dtype if sharded(config.strategy) else torch.float32
+        reference = without_dropout(reference).to(device=device, dtype=stored).eval()
         reference.requires_grad_(False)
     if config.gradient_checkpointing:
         checkpoint_activations(policy)

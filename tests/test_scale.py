@@ -19,7 +19,8 @@ from stepcoder.config import parse_config
 HERE = Path(__file__).resolve().parent
 TINY = ["--data", "builtin", "--limit", "8", "--advantage", "gae", "--kl_coef", "0.01", "--problems_per_step", "2", "--rollouts_per_prompt", "2", "--max_new_tokens", "24",
         "--sft_steps", "20", "--generation_batch_size", "4", "--num_mini_batches", "2", "--sandbox_workers", "1",
-        "--save_steps", "100", "--sample_every", "1"]
+        "--save_steps", "100", "--sample_every", "1",
+        "--device", "cpu"]  # gloo and the CPU, also on a one-GPU machine (NCCL would put two ranks on one GPU)
 PORTS = iter(range(29601, 29700))
 
 
@@ -100,6 +101,10 @@ def test_the_planner_says_ddp_does_not_fit_and_fsdp2_does_for_deepseek_6_7b(tmp_
     assert policy_weights == pytest.approx(6.74e9 * 4, rel=0.01)  # 6.74 B parameters in fp32
     sharded = next(line.bytes for line in fsdp2 if line.component == "policy weights (fp32 masters)")
     assert sharded == pytest.approx(policy_weights / 8, rel=0.01)
+    # the reference (kl_coef > 0): fp32 when replicated, as the policy computes under autocast; sharded, bf16
+    reference = {name: next(line.bytes for line in lines if line.component == "reference weights")
+                 for name, lines in (("ddp", ddp), ("fsdp2", fsdp2))}
+    assert reference == {"ddp": pytest.approx(policy_weights), "fsdp2": pytest.approx(policy_weights / 16, rel=0.01)}
 
 
 def test_the_planner_counts_a_colocated_vllm_engine(tmp_path, capsys):

@@ -342,8 +342,8 @@ def test_two_processes_over_gloo(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29517", "-m", "stepcoder.train", *TINY, "--total_steps", "2", "--output_dir",
-                           str(tmp_path / "ddp")], capture_output=True, text=True, timeout=600, env=env)
+                           "29517", "-m", "stepcoder.train", *TINY, "--total_steps", "2", "--device", "cpu",
+                           "--output_dir", str(tmp_path / "ddp")], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     history = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in history] == [1, 2]
@@ -583,7 +583,8 @@ def test_a_run_needing_a_package_this_python_lacks_is_refused_before_any_work(tm
 
 def test_the_process_group_waits_as_long_as_dist_timeout_minutes(monkeypatch):
     """Every collective is bounded by --dist_timeout_minutes (default 60, where torch's NCCL default of 10
-    can expire while rank 0 alone hashes a 7B checkpoint before a barrier)."""
+    can expire while rank 0 alone hashes a 7B checkpoint before a barrier); --device cpu joins over gloo
+    even where CUDA is there (the two-process tests say it, so they run on a one-GPU machine)."""
     from datetime import timedelta
 
     from stepcoder import distributed
@@ -591,10 +592,20 @@ def test_the_process_group_waits_as_long_as_dist_timeout_minutes(monkeypatch):
     joined = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kwargs: joined.append(kwargs))
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kwargs: joined.append({"backend": backend, **kwargs}))
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)  # as on a one-GPU machine
     for flags, minutes in (([], 60), (["--dist_timeout_minutes", "90"], 90)):
         config = parse_config(["--output_dir", "x", *flags])
-        distributed.setup("cpu", config.dist_timeout_minutes)
-        assert joined[-1]["timeout"] == timedelta(minutes=minutes)
+        assert distributed.setup("cpu", config.dist_timeout_minutes) == torch.device("cpu")
+        assert joined[-1] == {"backend": "gloo", "timeout": timedelta(minutes=minutes)}  # --device cpu: gloo
     with pytest.raises(ConfigError, match="dist_timeout_minutes"):
         parse_config(["--output_dir", "x", "--dist_timeout_minutes", "0"])
+
+
+def test_the_reference_computes_as_the_starting_policy_so_the_first_kl_is_zero(tmp_path):
+    """With bf16 compute the policy's fp32 weights run under autocast; a reference stored in bf16 would
+    not repeat that path (norms and softmax in bf16), so the KL at step 1, before any update, would not be
+    0 (1e-4 here on the CPU with a bf16 reference). Measured after the update too: it moves off 0."""
+    first, second = run(tmp_path, "--total_steps", "2", "--precision", "bf16", "--learning_rate", "1e-3")
+    assert first["kl"] == 0.0 and second["kl"] != 0.0

@@ -87,7 +87,7 @@ def train_run(output: Path, *flags: str, processes: int = 1, patch: str = "") ->
     """A 3-step vLLM run (in a fresh process: one vLLM engine per process); its step rows."""
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(next(PORTS)), "-m", "stepcoder.train"]
+                   "--master_port", str(next(PORTS)), "-m", "stepcoder.train", "--device", "cpu"]
     else:
         command = [sys.executable, "-c", f"import sys\n{patch}\nfrom stepcoder.train import main\nmain(sys.argv[1:])"]
     done = subprocess.run([*command, *RUN, *flags, "--output_dir", str(output)], capture_output=True, text=True,

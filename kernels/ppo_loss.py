@@ -22,6 +22,12 @@ from stepcoder.kernels.logprobs import (NUM_WARPS, block_for, for_reference, pre
 
 KL_MODES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
 L2_BUDGET = 32 << 20  # bytes of logits rows in flight at once, so each row's second pass hits L2
+# Registers per thread allowed to the loss kernel. Left to itself, ptxas (CUDA 12.8, Triton 3.6) fits
+# sm_90's 512-thread blocks three to an SM at 40 registers and spills 8 bytes in the gradient pass. At
+# 56 registers two fit; at Qwen's 151,936 columns ``programs_for`` launches one program per SM anyway,
+# so there nothing is lost, and no kernel spills (tests/test_kernels_compile.py). At 32,256 columns
+# (four programs per SM) which is faster is for benchmarks/gpu_run.sh to measure.
+MAX_REGISTERS = 64
 
 
 def programs_for(logits: torch.Tensor, rows: int) -> int:
@@ -158,7 +164,7 @@ class PPOLossFunction(torch.autograd.Function):
                 options["temperature"], options["clip_low"], options["clip_high"], options["dual_clip"] or 0.0,
                 options["entropy_coef"], options["kl_coef"], BLOCK_V=block_for(view.shape[-1]),
                 DUAL_CLIP=options["dual_clip"] is not None, KL_MODE=kl_mode, COMPUTE_GRAD=compute_grad,
-                num_warps=NUM_WARPS)
+                num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS)
         if compute_grad and rows.extra_position:
             grad[:, -1].zero_()
         # A detached handle, released in backward: autograd may then take it as a leaf's .grad as is

@@ -128,21 +128,15 @@ class VLLMEngine:
         self.sleep_level = 2  # 1 once a LoRA policy is synced: its frozen weights must survive a sleep
         self.synced = load_format != "dummy"  # frozen weights (LoRA's base) are already in the engine
         self.eos = sorted(set(eos_token_ids or []) | {tokenizer.eos_token_id} - {None})
-        options = {}
-        if world_size > 1:  # one engine per rank, or per group of tensor_parallel_size ranks
-            options.update(distributed_executor_backend="external_launcher")
         self.group = None
         if world_size > 1 and tensor_parallel_size > 1:
             self.group = _tensor_parallel_group(tensor_parallel_size)
         # vLLM seeds Python's, NumPy's and torch's global generators with `seed` as it starts; the trainer
         # starts it after a resume restored them from the checkpoint, so they are put back as they were.
         callers = rng_state()
-        self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype=dtype, max_model_len=max_model_len,
-                       seed=seed + rank // tensor_parallel_size, load_format=load_format,
-                       tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                       enable_sleep_mode=enable_sleep_mode, enable_prefix_caching=True,
-                       enforce_eager=self.on_cpu, generation_config="vllm",
-                       logprobs_mode="processed_logprobs", **options)
+        self.llm = LLM(**engine_options(model_dir, dtype, max_model_len, seed + rank // tensor_parallel_size,
+                                        load_format, gpu_memory_utilization, tensor_parallel_size, enable_sleep_mode,
+                                        world_size > 1, self.on_cpu))
         set_rng_state(callers)
 
     def generate(self, prompts: list[str], sampling: Sampling) -> list[Generation]:
@@ -207,6 +201,22 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up(tags=list(tags) if tags else None)
             self.asleep = tags is not None and "kv_cache" not in tags
+
+
+def engine_options(model_dir: str, dtype: torch.dtype, max_model_len: int, seed: int, load_format: str,
+                   gpu_memory_utilization: float, tensor_parallel_size: int, enable_sleep_mode: bool,
+                   external_launcher: bool, on_cpu: bool) -> dict:
+    """The keyword arguments of vLLM's ``LLM`` (its ``EngineArgs``) for an engine in this process: one per
+    rank, or per group of `tensor_parallel_size` ranks, under torchrun (`external_launcher`). The GPU-only
+    ones are checked against the pinned vLLM's own argument classes (tests/test_vllm.py)."""
+    options = dict(model=model_dir, tokenizer=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                   load_format=load_format, tensor_parallel_size=tensor_parallel_size,
+                   gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
+                   enable_prefix_caching=True, enforce_eager=on_cpu, generation_config="vllm",
+                   logprobs_mode="processed_logprobs")
+    if external_launcher:
+        options["distributed_executor_backend"] = "external_launcher"
+    return options
 
 
 def check_sleep_mode() -> None:

@@ -164,3 +164,38 @@ def test_starting_the_engine_leaves_the_callers_random_generators_as_they_were(w
         assert draws() == expected
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("setting", ["trainer, 8 GPUs, tensor parallel 2, sleep mode", "evaluation engine"])
+def test_the_gpu_only_engine_options_are_what_the_pinned_vllm_accepts(warm_model, monkeypatch, setting):
+    """The options the engine passes vLLM on GPUs (tensor parallel under torchrun's external launcher,
+    sleep mode, the memory share) never run on this CPU platform, so they go through the pinned vLLM's
+    own argument classes: EngineArgs takes them, its model and cache configs validate them (sleep mode
+    made available, as on CUDA), the executor backend is one vLLM names. A misspelled value is refused."""
+    import typing
+
+    from vllm import EngineArgs
+    from vllm.config import CacheConfig, ParallelConfig
+    from vllm.config.parallel import DistributedExecutorBackend
+    from vllm.platforms import current_platform
+
+    from stepcoder.engines import engine_options
+
+    monkeypatch.setattr(current_platform, "is_sleep_mode_available", lambda: True)
+    trainer = setting.startswith("trainer")
+    options = engine_options(str(warm_model), torch.bfloat16, 1024, 0, "dummy" if trainer else "auto",
+                             0.3 if trainer else 0.85, 2 if trainer else 1, trainer, trainer, on_cpu=False)
+    args = EngineArgs(**options)
+    model = args.create_model_config()
+    assert (model.logprobs_mode, model.dtype, model.enforce_eager) == ("processed_logprobs", torch.bfloat16, False)
+    parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
+                              distributed_executor_backend=args.distributed_executor_backend)
+    assert parallel.world_size == (2 if trainer else 1)
+    assert args.distributed_executor_backend in (*typing.get_args(DistributedExecutorBackend), None)
+    assert CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization,
+                       enable_prefix_caching=args.enable_prefix_caching).gpu_memory_utilization == options[
+        "gpu_memory_utilization"]
+    with pytest.raises(Exception, match="logprobs_mode"):
+        EngineArgs(**{**options, "logprobs_mode": "processed_logprob"}).create_model_config()
+    with pytest.raises(TypeError):
+        EngineArgs(**{**options, "enable_sleepmode": True})

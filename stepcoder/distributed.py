@@ -94,7 +94,9 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def shard(model: nn.Module, dtype: torch.dtype, device: torch.device, trunk: nn.Module | None = None,
           offload: bool = False) -> nn.Module:
     """FSDP2: each transformer block of `trunk` (default: the model) is a unit, then the root. Compute in
-    `dtype`, gradients reduced in fp32; `offload` keeps the shards in CPU memory (the frozen reference)."""
+    `dtype`, gradients reduced in fp32; `offload` keeps the shards in CPU memory (the frozen reference).
+    A model in host memory moves to the device unit by unit as it is sharded (fully_shard moves each
+    unit's tensors, then keeps only this rank's shard): the device never holds the whole model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -102,8 +104,6 @@ def shard(model: nn.Module, dtype: torch.dtype, device: torch.device, trunk: nn.
     options = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
     if offload and device.type == "cuda":  # on CPUs the shards are in host memory anyway
         options["offload_policy"] = CPUOffloadPolicy()
-    elif device.type == "cuda":
-        model.to(device)
     for block in transformer_blocks(trunk if trunk is not None else model):
         fully_shard(block, **options)
     fully_shard(model, **options)

@@ -26,6 +26,7 @@ from torch import nn
 from stepcoder import lora
 from stepcoder.config import ConfigError, TrainConfig, build_parser, parse_config
 from stepcoder.distributed import compute_dtype, transformer_blocks
+from stepcoder.warmup import WARMUP_BATCH
 
 GB = 1e9
 ACTIVATION_FACTOR = 34  # bytes / (token x hidden x bytes-per-element) a transformer block keeps for backward
@@ -34,7 +35,8 @@ ACTIVATION_FACTOR = 34  # bytes / (token x hidden x bytes-per-element) a transfo
 
 @dataclass
 class Line:
-    phase: str       # "static" (held throughout), "generation", "scoring" or "update" (the peak of each)
+    phase: str       # "static" (held throughout), "generation", "scoring", "update" (the peak of each, on top of
+                     # static), or "start-up", "warm-up" (before the static components exist)
     component: str
     bytes: float
     exact: bool
@@ -144,7 +146,14 @@ def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = Tru
                       + (", checkpointed)" if config.gradient_checkpointing else ")"), activations, False))
     update_logits = micro * (config.max_new_tokens + 1) * vocab * (4 if fused else compute)
     lines.append(Line("update", "logits of the micro-batch (gradient written in place)", update_logits, False))
-    order = ("static", "generation", "scoring", "update")
+    if sharded:  # models built in host memory reach the device one FSDP unit at a time (train.model_home)
+        lines.append(Line("start-up", "one unit unsharded while sharding (fp32)", 4 * max(block, root), True))
+    if config.sft_steps != 0:  # None: sized to the data, so some; the warm-up trains the whole model, unsharded
+        lines += [Line("warm-up", "whole policy: fp32 weights, gradients, AdamW m and v", 16 * total, True),
+                  Line("warm-up", f"activations ({WARMUP_BATCH} examples x {sequence} tokens, no checkpointing)",
+                       layers * WARMUP_BATCH * sequence * ACTIVATION_FACTOR * hidden * compute, False),
+                  Line("warm-up", "fp32 logits of the targets", WARMUP_BATCH * config.max_new_tokens * vocab * 4, False)]
+    order = ("static", "generation", "scoring", "update", "start-up", "warm-up")
     return sorted(lines, key=lambda line: order.index(line.phase))
 
 
@@ -164,10 +173,16 @@ def engine_lines(config: TrainConfig, policy: nn.Module, compute: int, gpu_gb: f
             Line("update", "weight sync: one full parameter gathered (fp32)", 4 * largest, True)]
 
 
+ALONE = ("start-up", "warm-up")  # phases before the static components exist (nothing is sharded or resident yet)
+
+
 def peak(lines: list[Line]) -> float:
+    """The largest of: static + each training phase, and each phase that comes before the static ones."""
     static = sum(line.bytes for line in lines if line.phase == "static")
     phases = {line.phase for line in lines} - {"static"}
-    return static + max(sum(line.bytes for line in lines if line.phase == phase) for phase in phases)
+    during = [static + sum(line.bytes for line in lines if line.phase == phase) for phase in phases - set(ALONE)]
+    before = [sum(line.bytes for line in lines if line.phase == phase) for phase in phases & set(ALONE)]
+    return max(during + before)
 
 
 def report(lines: list[Line], config: TrainConfig, ranks: int, gpu_gb: float) -> str:
@@ -179,7 +194,8 @@ def report(lines: list[Line], config: TrainConfig, ranks: int, gpu_gb: float) ->
     for line in lines:
         rows.append(f"{line.phase:<11}{line.component:<60}{line.bytes / GB:>9.2f}" + ("" if line.exact else "  (estimate)"))
     verdict = "fits" if total <= gpu_gb * GB else "does not fit"
-    rows.append(f"peak (static + the largest phase): {total / GB:.1f} GB per GPU: {verdict} in {gpu_gb:g} GB")
+    rows.append(f"peak (static + the largest phase, or the warm-up alone): {total / GB:.1f} GB per GPU: {verdict} in "
+                f"{gpu_gb:g} GB")
     engine = [line for line in lines if line.component.startswith("vLLM KV cache")]
     if engine and engine[0].bytes == 0:
         rows.append("vLLM: vllm_gpu_memory_utilization leaves no room for a KV cache beside its weights; raise it "

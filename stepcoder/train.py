@@ -618,6 +618,7 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
     fresh = config.model_name_or_path is None
     adapted = config.lora_r > 0
     dtype = compute_dtype(config.precision, torch.device(device))
+    home = model_home(config, device)
     export_dtype = torch.float32 if fresh else checkpoint_dtype(config.model_name_or_path)
     keep_reference = config.kl_coef > 0  # beta = 0: no reference model at all
     reference = None
@@ -646,20 +647,21 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
                     raise DataError(f"{len(over)} problems need more than the model's {limit} positions for the "
                                     f"warm-up or generation (e.g. {ident}: {size}); lower --max_new_tokens, leave "
                                     "them out (--limit, --difficulty), or use a model with a longer context")
-        without_dropout(policy).to(device)
-        if config.sft_steps:
-            loss = supervised_warmup(policy, tokenizer, *(sft or (problems, stages)), config, device)
+        if config.sft_steps:  # on the whole model (planned as its own phase: python -m stepcoder.plan)
+            loss = supervised_warmup(without_dropout(policy).to(device), tokenizer, *(sft or (problems, stages)),
+                                     config, device)
             if world()[0] == 0:
                 print(f"supervised warm-up: {config.sft_steps} steps, final loss {loss:.3f}")
+        policy.to(home)
         reference = copy.deepcopy(policy) if keep_reference and not adapted else None
-    policy = without_dropout(policy).to(device)
+    policy = without_dropout(policy).to(home)
     if reference is not None:
         # The reference computes as the starting policy does, so the KL starts at exactly 0: sharded,
         # FSDP2's mixed precision casts both to the compute dtype, so the reference is stored in it; else the
         # policy's fp32 weights run under autocast (matmuls in bf16, norms and softmax in fp32), which a
         # reference stored in bf16 would not repeat, so it stays in fp32.
         stored = dtype if sharded(config.strategy) else torch.float32
-        reference = without_dropout(reference).to(device=device, dtype=stored).eval()
+        reference = without_dropout(reference).to(device=home, dtype=stored).eval()
         reference.requires_grad_(False)
     if config.gradient_checkpointing:
         checkpoint_activations(policy)
@@ -669,6 +671,13 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
     # a LoRA run saves its base weights whenever they are not the base checkpoint: resuming needs them
     save_reference = (keep_reference or adapted) and (fresh or config.sft_steps > 0)
     return policy, reference, tokenizer, save_reference, export_dtype
+
+
+def model_home(config: TrainConfig, device) -> torch.device:
+    """Where the models are built: on `device`, or under FSDP2 in host memory, from where sharding moves
+    them to the device one unit at a time, so that no rank's device ever holds a whole model (6.7B: a
+    26.9 GB fp32 policy, as much again for the critic, 13.5 GB of reference)."""
+    return torch.device("cpu") if sharded(config.strategy) else torch.device(device)
 
 
 def wrap_models(policy, critic, reference, config: TrainConfig, device) -> tuple:
@@ -794,7 +803,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "full softmax: the update is off-policy (use --top_p 1.0 for on-policy PPO)", file=sys.stderr)
     critic = None  # critic-free estimators (grpo, rloo) build no value model
     if config.advantage == "gae":
-        critic = make_critic(policy, config.share_trunk).to(device)
+        critic = make_critic(policy, config.share_trunk).to(model_home(config, device))
         if config.gradient_checkpointing and not config.share_trunk:
             checkpoint_activations(critic.trunk)
     train_policy, train_critic = wrap_models(policy, critic, reference, config, device)

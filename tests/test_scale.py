@@ -105,6 +105,14 @@ def test_the_planner_says_ddp_does_not_fit_and_fsdp2_does_for_deepseek_6_7b(tmp_
     reference = {name: next(line.bytes for line in lines if line.component == "reference weights")
                  for name, lines in (("ddp", ddp), ("fsdp2", fsdp2))}
     assert reference == {"ddp": pytest.approx(policy_weights), "fsdp2": pytest.approx(policy_weights / 16, rel=0.01)}
+    # sharded from host memory, one unit at a time: the start-up holds one unit unsharded, never the model
+    start_up = next(line for line in fsdp2 if line.phase == "start-up")
+    assert start_up.bytes < policy_weights / 20 and not any(line.phase == "warm-up" for line in fsdp2)
+    # a warm-up trains the whole model unsharded on one device: counted, and it does not fit
+    warm = plan.main([*common, "--strategy", "fsdp2", "--gradient_checkpointing", "--sft_steps", "100"])
+    assert "does not fit in 80 GB" in capsys.readouterr().out
+    whole = next(line.bytes for line in warm if line.component.startswith("whole policy"))
+    assert whole == pytest.approx(4 * policy_weights) and plan.peak(warm) > whole
 
 
 def test_the_planner_counts_a_colocated_vllm_engine(tmp_path, capsys):

@@ -246,7 +246,7 @@ def run_arm(arm: str, seed: int, shared: list[str], output: Path, launcher: str,
     return folder
 
 
-MECHANISM = ("pass_rate", "full_generation_frac", "unexecuted_frac", "unexecuted_grad_share")
+MECHANISM = ("pass_rate", "cccs_stage_mean", "full_generation_frac", "unexecuted_frac", "unexecuted_grad_share")
 
 
 def read_run(folder: Path) -> dict:
@@ -373,14 +373,17 @@ def plot(rows: dict, path: Path) -> None:
 
 
 def plot_mechanism(rows: dict, path: Path) -> None:
-    """Per arm and step, mean over seeds: rollouts passing (reward density), rollouts writing whole programs
-    (the curriculum), and the policy gradient's share on never-run tokens (what FGO removes)."""
-    figure, panels = new_figure((12, 3.6), columns=3)
-    titles = {"pass_rate": "rollouts passing (%)", "full_generation_frac": "rollouts writing whole programs (%)",
+    """Per arm and step, mean over seeds: rollouts passing (reward density), the curriculum's stage (mean over
+    problems) and the rollouts writing whole programs, and the policy gradient's share on never-run tokens
+    (what FGO removes)."""
+    figure, panels = new_figure((16, 3.6), columns=4)
+    titles = {"pass_rate": "rollouts passing (%)", "cccs_stage_mean": "CCCS stage (mean over problems)",
+              "full_generation_frac": "rollouts writing whole programs (%)",
               "unexecuted_grad_share": "gradient share on never-run tokens (%)"}
     for axes, (name, title) in zip(panels, titles.items()):
+        scale = 1 if name == "cccs_stage_mean" else 100
         for arm, row in rows.items():
-            values = 100 * np.asarray(row["series"][name])
+            values = scale * np.asarray(row["series"][name])
             window = min(5, len(values))  # a 5-step moving average: one step's 64 rollouts are noisy
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
             axes.plot(np.arange(window, len(values) + 1), smooth, label=arm)

@@ -197,6 +197,12 @@ def report(lines: list[Line], config: TrainConfig, ranks: int, gpu_gb: float) ->
     rows.append(f"peak (static + the largest phase, or the warm-up alone): {total / GB:.1f} GB per GPU: {verdict} in "
                 f"{gpu_gb:g} GB")
     engine = [line for line in lines if line.component.startswith("vLLM KV cache")]
+    if engine:  # vLLM refuses to start unless its whole share is free then, beside the learner's resident models
+        resident = sum(line.bytes for line in lines if line.phase == "static" and not line.component.startswith("vLLM"))
+        share = config.vllm_gpu_memory_utilization * gpu_gb * GB
+        free = gpu_gb * GB - resident
+        rows.append(f"vLLM start: its share ({share / GB:.1f} GB) must be free beside the learner's resident "
+                    f"{resident / GB:.1f} GB: {'it is' if share <= free else 'it is not'} ({free / GB:.1f} GB free)")
     if engine and engine[0].bytes == 0:
         rows.append("vLLM: vllm_gpu_memory_utilization leaves no room for a KV cache beside its weights; raise it "
                     "or raise vllm_tensor_parallel_size")

@@ -134,6 +134,11 @@ def test_the_planner_counts_a_colocated_vllm_engine(tmp_path, capsys):
     capsys.readouterr()
     plan.main([*common, "--vllm_gpu_memory_utilization", "0.1"])  # 8 GB cannot hold 13.5 GB of weights
     assert "leaves no room for a KV cache" in capsys.readouterr().out
+    # the engine starts after the learner's models are resident: its whole share must be free then
+    plan.main(common)
+    assert "vLLM start: its share (32.0 GB) must be free beside the learner's resident" in capsys.readouterr().out
+    plan.main([*common, "--vllm_gpu_memory_utilization", "0.8"])
+    assert "it is not" in capsys.readouterr().out
 
 
 def _bf16_model(directory: Path) -> None:

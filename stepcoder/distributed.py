@@ -110,6 +110,28 @@ def shard(model: nn.Module, dtype: torch.dtype, device: torch.device, trunk: nn.
     return model
 
 
+def load_from_rank0(model: nn.Module, full: dict | None, device: torch.device) -> None:
+    """Fills a sharded `model` from rank 0's whole weights (`full`, taken before sharding; None elsewhere,
+    where the model was built on the meta device): each tensor is broadcast and every rank keeps its
+    shard, so only rank 0 ever holds a whole copy, in host memory. The skeleton's shards are first
+    allocated on `device` in place (FSDP2 keeps its own parameter objects, which the optimizer must see),
+    then written. Buffers outside the state dict (rotary frequencies, attention masks) follow the same way."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = world()[0]
+    if any(parameter.is_meta for parameter in model.parameters()):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    persistent = set(model.state_dict())
+    extra = [name for name, _ in model.named_buffers() if name not in persistent]
+    holder = [{name: buffer.cpu() for name, buffer in model.named_buffers() if name in extra} if rank == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    for name, value in holder[0].items():  # after to_empty they hold garbage on the other ranks
+        owner, _, attribute = name.rpartition(".")
+        getattr(model.get_submodule(owner), attribute).copy_(value)
+
+
 def replicate(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP over the processes (the model itself when there is one process)."""
     if world()[1] == 1:

@@ -66,6 +66,19 @@ def load_model(path: str, dtype: torch.dtype | None = None):
     return model, tokenizer
 
 
+def load_model_skeleton(path: str):
+    """(model, tokenizer) as ``load_model`` gives them, with the weights on the meta device (no memory):
+    a rank other than 0 of a sharded run receives its shards from rank 0 (``distributed.load_from_rank0``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    settings = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"), quiet_transformers():
+        model = AutoModelForCausalLM.from_config(settings, dtype=torch.float32)
+    ensure_pad_token(tokenizer, model)
+    return model, tokenizer
+
+
 def load_reference(path: str, tokenizer, dtype: torch.dtype | None = None):
     """The frozen reference model as the policy started: the base checkpoint with its embeddings fitted
     to the policy's tokenizer by the same deterministic step (``fit_embeddings``)."""

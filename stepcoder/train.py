@@ -47,6 +47,7 @@ from stepcoder.distributed import (
     no_sync,
     replicate,
     setup,
+    load_from_rank0,
     shard,
     sharded,
     unwrap,
@@ -63,6 +64,7 @@ from stepcoder.models import (
     checkpoint_activations,
     checkpoint_dtype,
     load_model,
+    load_model_skeleton,
     load_reference,
     make_critic,
     position_ids,
@@ -636,6 +638,8 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
                           default=0)
             policy = build_default_model(tokenizer, config.seed, config.n_layer, config.n_embd,
                                          max(1024, -(-longest // 64) * 64))
+        elif from_rank0(config) and world()[0] != 0:  # its shards come from rank 0 (main: load_from_rank0)
+            policy, tokenizer = load_model_skeleton(config.model_name_or_path)
         else:
             policy, tokenizer = load_model(config.model_name_or_path, dtype=torch.float32)
             if config.sft_steps and context_of(policy) is not None:
@@ -652,16 +656,16 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
                                      config, device)
             if world()[0] == 0:
                 print(f"supervised warm-up: {config.sft_steps} steps, final loss {loss:.3f}")
-        policy.to(home)
+        to_home(policy, home)
         reference = copy.deepcopy(policy) if keep_reference and not adapted else None
-    policy = without_dropout(policy).to(home)
+    policy = to_home(without_dropout(policy), home)
     if reference is not None:
         # The reference computes as the starting policy does, so the KL starts at exactly 0: sharded,
         # FSDP2's mixed precision casts both to the compute dtype, so the reference is stored in it; else the
         # policy's fp32 weights run under autocast (matmuls in bf16, norms and softmax in fp32), which a
         # reference stored in bf16 would not repeat, so it stays in fp32.
         stored = dtype if sharded(config.strategy) else torch.float32
-        reference = without_dropout(reference).to(device=home, dtype=stored).eval()
+        reference = to_home(without_dropout(reference), home, stored).eval()
         reference.requires_grad_(False)
     if config.gradient_checkpointing:
         checkpoint_activations(policy)
@@ -678,6 +682,22 @@ def model_home(config: TrainConfig, device) -> torch.device:
     them to the device one unit at a time, so that no rank's device ever holds a whole model (6.7B: a
     26.9 GB fp32 policy, as much again for the critic, 13.5 GB of reference)."""
     return torch.device("cpu") if sharded(config.strategy) else torch.device(device)
+
+
+def from_rank0(config: TrainConfig) -> bool:
+    """Whether only rank 0 reads the checkpoint and the others receive their shards from it (the paper's
+    setting: a checkpoint, FSDP2 over several ranks, no warm-up, no adapter, not resuming), so that a
+    node's host memory holds one whole copy of the models, not one per rank."""
+    return (sharded(config.strategy) and config.model_name_or_path is not None and not config.sft_steps
+            and not config.lora_r and config.resume_from_checkpoint is None)
+
+
+def to_home(model: torch.nn.Module, home: torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """`model` moved to `home` (and `dtype`); a skeleton on the meta device only changes dtype: rank 0 fills
+    it once it is sharded."""
+    if any(parameter.is_meta for parameter in model.parameters()):
+        return model if dtype is None else model.to(dtype=dtype)
+    return model.to(device=home) if dtype is None else model.to(device=home, dtype=dtype)
 
 
 def wrap_models(policy, critic, reference, config: TrainConfig, device) -> tuple:
@@ -803,10 +823,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "full softmax: the update is off-policy (use --top_p 1.0 for on-policy PPO)", file=sys.stderr)
     critic = None  # critic-free estimators (grpo, rloo) build no value model
     if config.advantage == "gae":
-        critic = make_critic(policy, config.share_trunk).to(model_home(config, device))
+        critic = to_home(make_critic(policy, config.share_trunk), model_home(config, device))
         if config.gradient_checkpointing and not config.share_trunk:
             checkpoint_activations(critic.trunk)
+    # rank 0's whole weights, before sharding replaces them: the other ranks' skeletons are filled from them
+    models = [model for model in (policy, critic, reference) if model is not None]
+    whole = [model.state_dict() if rank == 0 else None for model in models] if from_rank0(config) else None
     train_policy, train_critic = wrap_models(policy, critic, reference, config, device)
+    if whole is not None:
+        for model, weights in zip(models, whole):  # an offloaded reference keeps its shards in host memory
+            offloaded = model is reference and config.reference_offload
+            load_from_rank0(model, weights, torch.device("cpu") if offloaded else torch.device(device))
+        del whole
     trained = [p for p in train_policy.parameters() if p.requires_grad]  # with LoRA: the adapter
     optimizers = [torch.optim.AdamW(trained, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)]
     if critic is not None:

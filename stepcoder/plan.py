@@ -36,7 +36,7 @@ ACTIVATION_FACTOR = 34  # bytes / (token x hidden x bytes-per-element) a transfo
 @dataclass
 class Line:
     phase: str       # "static" (held throughout), "generation", "scoring", "update" (the peak of each, on top of
-                     # static), or "start-up", "warm-up" (before the static components exist)
+                     # static; "sharded warm-up" too), or "start-up", "warm-up" (before the static components exist)
     component: str
     bytes: float
     exact: bool
@@ -148,12 +148,22 @@ def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = Tru
     lines.append(Line("update", "logits of the micro-batch (gradient written in place)", update_logits, False))
     if sharded:  # models built in host memory reach the device one FSDP unit at a time (train.model_home)
         lines.append(Line("start-up", "one unit unsharded while sharding (fp32)", 4 * max(block, root), True))
-    if config.sft_steps != 0:  # None: sized to the data, so some; the warm-up trains the whole model, unsharded
-        lines += [Line("warm-up", "whole policy: fp32 weights, gradients, AdamW m and v", 16 * total, True),
-                  Line("warm-up", f"activations ({WARMUP_BATCH} examples x {sequence} tokens, no checkpointing)",
-                       layers * WARMUP_BATCH * sequence * ACTIVATION_FACTOR * hidden * compute, False),
-                  Line("warm-up", "fp32 logits of the targets", WARMUP_BATCH * config.max_new_tokens * vocab * 4, False)]
-    order = ("static", "generation", "scoring", "update", "start-up", "warm-up")
+    if config.sft_steps != 0:  # None: sized to the data, so some
+        logits = Line("warm-up", "fp32 logits of the targets", WARMUP_BATCH * config.max_new_tokens * vocab * 4, False)
+        if sharded and not adapted:  # the sharded policy trains, after sharding: on top of the static shares
+            layer_activations = (layers * WARMUP_BATCH * sequence * hidden * compute if config.gradient_checkpointing
+                                 else layers * WARMUP_BATCH * sequence * ACTIVATION_FACTOR * hidden * compute)
+            lines += [Line("sharded warm-up", "its own AdamW m and v (fp32 shards)", 8 * held(policy, share), True),
+                      Line("sharded warm-up", "unsharded in flight (root + two blocks)", compute * (root + 2 * block),
+                           False),
+                      Line("sharded warm-up", f"activations ({WARMUP_BATCH} examples x {sequence} tokens)",
+                           layer_activations, False),
+                      Line("sharded warm-up", logits.component, logits.bytes, False)]
+        else:  # the whole model on each device, before anything is sharded
+            lines += [Line("warm-up", "whole policy: fp32 weights, gradients, AdamW m and v", 16 * total, True),
+                      Line("warm-up", f"activations ({WARMUP_BATCH} examples x {sequence} tokens, no checkpointing)",
+                           layers * WARMUP_BATCH * sequence * ACTIVATION_FACTOR * hidden * compute, False), logits]
+    order = ("static", "generation", "scoring", "update", "start-up", "warm-up", "sharded warm-up")
     return sorted(lines, key=lambda line: order.index(line.phase))
 
 

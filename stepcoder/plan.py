@@ -200,9 +200,11 @@ def report(lines: list[Line], config: TrainConfig, ranks: int, gpu_gb: float) ->
     dtype = compute_dtype(config.precision, torch.device("cuda"))
     title = (f"per-rank memory: {config.strategy} over {ranks} processes, {str(dtype).removeprefix('torch.')} "
              f"compute on fp32 masters, gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}")
-    rows = [title, f"{'phase':<11}{'component':<60}{'GB':>9}"]
+    width = max(11, *(len(line.phase) + 1 for line in lines))
+    rows = [title, f"{'phase':<{width}}{'component':<60}{'GB':>9}"]
     for line in lines:
-        rows.append(f"{line.phase:<11}{line.component:<60}{line.bytes / GB:>9.2f}" + ("" if line.exact else "  (estimate)"))
+        rows.append(f"{line.phase:<{width}}{line.component:<60}{line.bytes / GB:>9.2f}"
+                    + ("" if line.exact else "  (estimate)"))
     verdict = "fits" if total <= gpu_gb * GB else "does not fit"
     rows.append(f"peak (static + the largest phase, or the warm-up alone): {total / GB:.1f} GB per GPU: {verdict} in "
                 f"{gpu_gb:g} GB")

@@ -132,6 +132,16 @@ def load_from_rank0(model: nn.Module, full: dict | None, device: torch.device) -
         getattr(model.get_submodule(owner), attribute).copy_(value)
 
 
+@torch.no_grad()
+def copy_shards(source: nn.Module, target: nn.Module) -> None:
+    """`target`'s parameters become `source`'s, by name, each rank copying its own shards (both sharded
+    alike; the target may hold another dtype, or its shards in host memory)."""
+    local = lambda tensor: tensor.to_local() if hasattr(tensor, "to_local") else tensor  # noqa: E731
+    sources = dict(source.named_parameters())
+    for name, parameter in target.named_parameters():
+        local(parameter).copy_(local(sources[name]))
+
+
 def replicate(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP over the processes (the model itself when there is one process)."""
     if world()[1] == 1:

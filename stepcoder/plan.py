@@ -36,7 +36,7 @@ ACTIVATION_FACTOR = 34  # bytes / (token x hidden x bytes-per-element) a transfo
 @dataclass
 class Line:
     phase: str       # "static" (held throughout), "generation", "scoring", "update" (the peak of each, on top of
-                     # static), or "start-up", "warm-up" (before the static components exist)
+                     # static; "sharded warm-up" too), or "start-up", "warm-up" (before the static components exist)
     component: str
     bytes: float
     exact: bool
@@ -148,12 +148,22 @@ def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = Tru
     lines.append(Line("update", "logits of the micro-batch (gradient written in place)", update_logits, False))
     if sharded:  # models built in host memory reach the device one FSDP unit at a time (train.model_home)
         lines.append(Line("start-up", "one unit unsharded while sharding (fp32)", 4 * max(block, root), True))
-    if config.sft_steps != 0:  # None: sized to the data, so some; the warm-up trains the whole model, unsharded
-        lines += [Line("warm-up", "whole policy: fp32 weights, gradients, AdamW m and v", 16 * total, True),
-                  Line("warm-up", f"activations ({WARMUP_BATCH} examples x {sequence} tokens, no checkpointing)",
-                       layers * WARMUP_BATCH * sequence * ACTIVATION_FACTOR * hidden * compute, False),
-                  Line("warm-up", "fp32 logits of the targets", WARMUP_BATCH * config.max_new_tokens * vocab * 4, False)]
-    order = ("static", "generation", "scoring", "update", "start-up", "warm-up")
+    if config.sft_steps != 0:  # None: sized to the data, so some
+        logits = Line("warm-up", "fp32 logits of the targets", WARMUP_BATCH * config.max_new_tokens * vocab * 4, False)
+        if sharded and not adapted:  # the sharded policy trains, after sharding: on top of the static shares
+            layer_activations = (layers * WARMUP_BATCH * sequence * hidden * compute if config.gradient_checkpointing
+                                 else layers * WARMUP_BATCH * sequence * ACTIVATION_FACTOR * hidden * compute)
+            lines += [Line("sharded warm-up", "its own AdamW m and v (fp32 shards)", 8 * held(policy, share), True),
+                      Line("sharded warm-up", "unsharded in flight (root + two blocks)", compute * (root + 2 * block),
+                           False),
+                      Line("sharded warm-up", f"activations ({WARMUP_BATCH} examples x {sequence} tokens)",
+                           layer_activations, False),
+                      Line("sharded warm-up", logits.component, logits.bytes, False)]
+        else:  # the whole model on each device, before anything is sharded
+            lines += [Line("warm-up", "whole policy: fp32 weights, gradients, AdamW m and v", 16 * total, True),
+                      Line("warm-up", f"activations ({WARMUP_BATCH} examples x {sequence} tokens, no checkpointing)",
+                           layers * WARMUP_BATCH * sequence * ACTIVATION_FACTOR * hidden * compute, False), logits]
+    order = ("static", "generation", "scoring", "update", "start-up", "warm-up", "sharded warm-up")
     return sorted(lines, key=lambda line: order.index(line.phase))
 
 
@@ -190,9 +200,11 @@ def report(lines: list[Line], config: TrainConfig, ranks: int, gpu_gb: float) ->
     dtype = compute_dtype(config.precision, torch.device("cuda"))
     title = (f"per-rank memory: {config.strategy} over {ranks} processes, {str(dtype).removeprefix('torch.')} "
              f"compute on fp32 masters, gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}")
-    rows = [title, f"{'phase':<11}{'component':<60}{'GB':>9}"]
+    width = max(11, *(len(line.phase) + 1 for line in lines))
+    rows = [title, f"{'phase':<{width}}{'component':<60}{'GB':>9}"]
     for line in lines:
-        rows.append(f"{line.phase:<11}{line.component:<60}{line.bytes / GB:>9.2f}" + ("" if line.exact else "  (estimate)"))
+        rows.append(f"{line.phase:<{width}}{line.component:<60}{line.bytes / GB:>9.2f}"
+                    + ("" if line.exact else "  (estimate)"))
     verdict = "fits" if total <= gpu_gb * GB else "does not fit"
     rows.append(f"peak (static + the largest phase, or the warm-up alone): {total / GB:.1f} GB per GPU: {verdict} in "
                 f"{gpu_gb:g} GB")

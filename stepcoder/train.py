@@ -47,6 +47,7 @@ from stepcoder.distributed import (
     no_sync,
     replicate,
     setup,
+    copy_shards,
     load_from_rank0,
     shard,
     sharded,
@@ -651,7 +652,7 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
                     raise DataError(f"{len(over)} problems need more than the model's {limit} positions for the "
                                     f"warm-up or generation (e.g. {ident}: {size}); lower --max_new_tokens, leave "
                                     "them out (--limit, --difficulty), or use a model with a longer context")
-        if config.sft_steps:  # on the whole model (planned as its own phase: python -m stepcoder.plan)
+        if config.sft_steps and not sharded_warmup(config):  # the whole model on each rank's device
             loss = supervised_warmup(without_dropout(policy).to(device), tokenizer, *(sft or (problems, stages)),
                                      config, device)
             if world()[0] == 0:
@@ -675,6 +676,13 @@ def build_models(config: TrainConfig, problems: list[Problem], stages: dict[str,
     # a LoRA run saves its base weights whenever they are not the base checkpoint: resuming needs them
     save_reference = (keep_reference or adapted) and (fresh or config.sft_steps > 0)
     return policy, reference, tokenizer, save_reference, export_dtype
+
+
+def sharded_warmup(config: TrainConfig) -> bool:
+    """Whether the supervised warm-up trains the sharded policy (FSDP2 over several ranks, no adapter), after
+    ``wrap_models``, so that no device holds the whole model and its AdamW states (108 GB for 6.7B); the
+    reference and the critic's trunk then take the warmed-up shards (``copy_shards``)."""
+    return sharded(config.strategy) and bool(config.sft_steps) and not config.lora_r
 
 
 def model_home(config: TrainConfig, device) -> torch.device:
@@ -835,6 +843,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             offloaded = model is reference and config.reference_offload
             load_from_rank0(model, weights, torch.device("cpu") if offloaded else torch.device(device))
         del whole
+    if sharded_warmup(config) and resume_from is None:
+        started = time.perf_counter()
+        loss = supervised_warmup(train_policy, tokenizer, *(sft or (problems, warmup_stages)), config, device)
+        if rank == 0:
+            print(f"supervised warm-up: {config.sft_steps} steps, final loss {loss:.3f}")
+        if reference is not None:  # the starting policy is the warmed-up one
+            copy_shards(train_policy, reference)
+        if critic is not None:
+            copy_shards(train_policy.base_model, train_critic.trunk)
+        build_seconds += time.perf_counter() - started
     trained = [p for p in train_policy.parameters() if p.requires_grad]  # with LoRA: the adapter
     optimizers = [torch.optim.AdamW(trained, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)]
     if critic is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 
 import pytest
 import torch
@@ -68,10 +69,13 @@ def settled(pid: int, seconds: float = 5.0) -> bool:
         time.sleep(0.01)
 
 
-def sandbox_uid_processes() -> list[int]:
-    """Every process running under a sandbox uid, whoever started it."""
+def sandbox_uid_processes(worker_pids: Iterable[int] | None = None) -> list[int]:
+    """Every process running under a sandbox uid, whoever started it; with `worker_pids`, only under the
+    uids of those workers (a worker's uid is the base plus its pid), so that another test run on the same
+    machine (CI runs two at once) cannot be counted as this one's stray."""
     from stepcoder._worker import SANDBOX_UID_BASE
 
+    uids = None if worker_pids is None else {SANDBOX_UID_BASE + pid for pid in worker_pids}
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -79,7 +83,7 @@ def sandbox_uid_processes() -> list[int]:
                 uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
         except (OSError, StopIteration):
             continue
-        if SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + (1 << 23):
+        if SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + (1 << 23) and (uids is None or uid in uids):
             found.append(int(entry))
     return found
 

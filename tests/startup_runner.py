@@ -4,7 +4,7 @@ the end of start-up (models built, sharded and loaded: read as the curriculum is
     python -m torch.distributed.run --nproc_per_node N startup_runner.py OUT_DIR [--whole_on_every_rank] -- TRAIN_ARGS
 
 Writes OUT_DIR/rank-R.json: {"peak_rss_mb": ...} (start-up). --whole_on_every_rank loads the checkpoint on every rank
-(as before rank 0 alone read it), for comparison.
+and warms the whole model up there (as before the sharded start), for comparison.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ if __name__ == "__main__":
     out, flags = Path(sys.argv[1]), sys.argv[2:]
     if flags and flags[0] == "--whole_on_every_rank":
         train.from_rank0 = lambda config: False
+        train.sharded_warmup = lambda config: False
         flags = flags[1:]
     make_curriculum = train.make_curriculum
 

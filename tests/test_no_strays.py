@@ -1,7 +1,7 @@
 """After 10,000 runs (passes, failures, crashes, violations, timeouts) no zombie or stray process is
 left: while the pool lives, each worker's shim has only the worker proper (PID 1 of its namespace)
 below it once the last job process has exited; after close(),
-nothing at all, and no process runs under a sandbox uid."""
+nothing at all, and no process runs under the uid of any worker the pool ever had (replacements included)."""
 from __future__ import annotations
 
 import os
@@ -20,7 +20,16 @@ PROGRAMS = [
 TIMEOUTS = 10
 
 
-def test_no_zombie_or_stray_process_after_10000_runs():
+def test_no_zombie_or_stray_process_after_10000_runs(monkeypatch):
+    spawned: list[int] = []
+    spawn = Sandbox._spawn
+
+    def recording_spawn(self):
+        worker = spawn(self)
+        spawned.append(worker.pid)
+        return worker
+
+    monkeypatch.setattr(Sandbox, "_spawn", recording_spawn)
     jobs, expected = [], []
     for i in range(10_000 - TIMEOUTS):
         program, verdict = PROGRAMS[i % len(PROGRAMS)]
@@ -36,6 +45,7 @@ def test_no_zombie_or_stray_process_after_10000_runs():
         for pid in sb.worker_pids():
             assert settled(pid), descendants(pid)
         workers = sb.worker_pids()
+    assert set(workers) <= set(spawned)
     assert descendants(os.getpid()) == {}
     assert all(not os.path.exists(f"/proc/{pid}") for pid in workers)
-    assert sandbox_uid_processes() == []
+    assert sandbox_uid_processes(spawned) == []

@@ -108,11 +108,17 @@ def test_the_planner_says_ddp_does_not_fit_and_fsdp2_does_for_deepseek_6_7b(tmp_
     # sharded from host memory, one unit at a time: the start-up holds one unit unsharded, never the model
     start_up = next(line for line in fsdp2 if line.phase == "start-up")
     assert start_up.bytes < policy_weights / 20 and not any(line.phase == "warm-up" for line in fsdp2)
-    # a warm-up trains the whole model unsharded on one device: counted, and it does not fit
+    # a warm-up under FSDP2 trains the sharded policy (its own AdamW shards on top of the static shares): it
+    # fits; replicated, it trains the whole model on each device, before anything else: counted, no fit
+    capsys.readouterr()
     warm = plan.main([*common, "--strategy", "fsdp2", "--gradient_checkpointing", "--sft_steps", "100"])
+    assert "fits in 80 GB" in capsys.readouterr().out and not any(line.phase == "warm-up" for line in warm)
+    states = next(line.bytes for line in warm if line.phase == "sharded warm-up" and "AdamW" in line.component)
+    assert states == pytest.approx(2 * sharded, rel=0.01)
+    whole_warm = plan.main([*common, "--strategy", "ddp", "--sft_steps", "100"])
     assert "does not fit in 80 GB" in capsys.readouterr().out
-    whole = next(line.bytes for line in warm if line.component.startswith("whole policy"))
-    assert whole == pytest.approx(4 * policy_weights) and plan.peak(warm) > whole
+    whole = next(line.bytes for line in whole_warm if line.component.startswith("whole policy"))
+    assert whole == pytest.approx(4 * policy_weights)
 
 
 def test_the_planner_counts_a_colocated_vllm_engine(tmp_path, capsys):
@@ -324,3 +330,24 @@ def test_host_memory_of_the_other_ranks_falls_with_their_number(tmp_path):
     print({"peaks_mb": peaks, "every_rank_whole_mb": [r["peak_rss_mb"] for r in whole]})
     assert others[4] < others[2] < peaks[1][0]
     assert others[2] < whole[1]["peak_rss_mb"] - 150  # the same rank, loading the whole checkpoint
+
+
+def test_the_warm_up_under_fsdp2_trains_the_shards_and_gives_the_same_run(tmp_path):
+    """--sft_steps under FSDP2: the warm-up trains the sharded policy (no device holds the whole model and
+    its AdamW states), then the reference and the critic's trunk take its shards. Two ranks give the run
+    the warm-up on the whole model on every rank gives, to float rounding (FSDP2 sums a tied weight's two
+    gradients in another order), and KL exactly 0 at the first step (the reference is the warmed-up policy)."""
+    model = _checkpoint(tmp_path / "model", 64, 2)
+    rows = {}
+    for name in ("sharded", "whole"):
+        start(tmp_path / name, 2, model, "--total_steps", "2", "--sft_steps", "20", whole=name == "whole")
+        rows[name] = [{k: v for k, v in row.items() if "time" not in k and "seconds" not in k}
+                      for row in map(json.loads, (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert len(rows["whole"]) == 2 and rows["sharded"][0]["kl"] == 0.0
+    for sharded_row, whole_row in zip(rows["sharded"], rows["whole"]):
+        assert sharded_row.keys() == whole_row.keys()
+        for key, value in whole_row.items():
+            if isinstance(value, float):
+                assert sharded_row[key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
+            else:
+                assert sharded_row[key] == value, key

@@ -165,7 +165,7 @@ def build_start(train_args: list[str], output: Path) -> tuple[Path, Path | None]
     --sft_steps, or for the small default model) a warm-up saved once in OUT/start; the small model's
     start is also evaluated once there (OUT/start/eval/step-0.json), greedy evaluation being the same in
     every run."""
-    from stepcoder import train
+    from stepcoder import learners, selection
     from stepcoder.models import quiet_transformers
 
     config = parse_config([*train_args, "--output_dir", str(output / "start")])
@@ -181,14 +181,14 @@ def build_start(train_args: list[str], output: Path) -> tuple[Path, Path | None]
     from stepcoder.warmup import sized_warmup
 
     torch.manual_seed(config.seed)
-    problems = train.select_problems(config)
-    stages = train.cccs_stages(problems, config)  # every prompt a run gives must fit the model's context
-    sft = train.select_warmup(config, problems)
+    problems = selection.select_problems(config)
+    stages = selection.cccs_stages(problems, config)  # every prompt a run gives must fit the model's context
+    sft = selection.select_warmup(config, problems)
     config = sized_warmup(config, *sft)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    eval_problems = train.select_eval_problems(config)
+    eval_problems = selection.select_eval_problems(config)
     say(f"building the start: {config.sft_steps} warm-up steps on {config.sft_data or config.data}")
-    policy, _, tokenizer, _, _ = train.build_models(config, problems, stages, None, device, eval_problems, sft)
+    policy, _, tokenizer, _, _ = learners.build_models(config, problems, stages, None, device, eval_problems, sft)
     if shared is not None:
         evaluate_start(policy, tokenizer, eval_problems, config, start, device)
     with quiet_transformers():

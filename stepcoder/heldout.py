@@ -17,14 +17,20 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stepcoder.data import Problem
 from stepcoder.detokenize import code_tokens, continuation
 from stepcoder.distributed import all_gather, world
+from stepcoder.engines import Sampling
 from stepcoder.metrics import KS, bootstrap_ci, pass_at_k
 from stepcoder.output import new_figure, save_figure, write_atomically
-from stepcoder.prompts import build_prompt
+from stepcoder.prompts import build_prompt, chat_option
 from stepcoder.sandbox import Sandbox
+
+if TYPE_CHECKING:
+    from stepcoder.config import TrainConfig
+    from stepcoder.runlog import Logger
 
 Sampler = Callable[[list[str]], list[tuple[list[int], list[int]]]]  # prompts -> (prompt ids, response ids)
 
@@ -163,3 +169,48 @@ def plot_curve(rows: Sequence[dict], path: Path, title: str = "held-out pass@1")
     axes.set_ylabel("pass@1 (%)")
     axes.set_title(f"{title} ({rows[0]['eval_data']}, T={rows[0]['eval_temperature']})")
     save_figure(figure, path)
+
+
+def held_out_evaluation(engine, tokenizer, problems: list[Problem], sandbox: Sandbox, config: TrainConfig,
+                        step: int, logger: Logger) -> None:
+    """Full programs sampled by the run's engine at eval_temperature (top_p 1), judged as `evaluate`
+    judges them; the row goes to metrics.jsonl and the per-problem counts to eval/step-N.json. Step 0 is
+    read from --start_evaluation when given (raises ValueError when it is not over these problems)."""
+    if step == 0 and config.start_evaluation is not None:
+        evaluation = Evaluation.read(Path(config.start_evaluation), [p.id for p in problems], config.eval_samples)
+        if logger.enabled:
+            evaluation.save(logger.output)
+            logger.evaluation(evaluation.row(config.eval_data, config.eval_temperature))
+        return
+    settings = Sampling(config.max_new_tokens, config.eval_temperature)
+
+    def sample(prompts: list[str]) -> list[tuple[list[int], list[int]]]:
+        return [(g.prompt_ids, g.response_ids) for g in engine.generate(prompts, settings)]
+
+    chat = chat_option(config.chat)
+    evaluation = evaluate_policy(sample, tokenizer, problems, config.eval_samples, sandbox, chat, step,
+                                 config.eval_batch_size)
+    if logger.enabled:
+        evaluation.save(logger.output)
+        logger.evaluation(evaluation.row(config.eval_data, config.eval_temperature))
+
+
+def report_evaluations(logger: Logger, config: TrainConfig) -> None:
+    """eval_curve.png; and, when the run has evaluated its start and its end, eval_summary.json and the
+    before/after lines with their confidence intervals."""
+    if not logger.enabled or not logger.evals:
+        return
+    plot_curve(logger.evals, logger.output / "eval_curve.png")
+    before, after = Evaluation.load(logger.output, 0), Evaluation.load(logger.output, config.total_steps)
+    if before is None or after is None:
+        return
+    if config.total_steps == 0:  # a warm-up-only run: the start, nothing to compare it with
+        low, high = bootstrap_ci(before.rates())
+        print(f"held-out pass@1 on {config.eval_data} ({len(before.passed)} problems x {before.samples} samples, "
+              f"T={config.eval_temperature}): {100 * before.pass_at(1):.1f}% [{100 * low:.1f}%, {100 * high:.1f}%]")
+        return
+    comparison = compare(before, after)
+    # written last and atomically: its presence marks a finished run (python -m stepcoder.ablation)
+    write_atomically(logger.output / "eval_summary.json", json.dumps(
+        {"eval_data": config.eval_data, "temperature": config.eval_temperature, **comparison}, indent=2) + "\n")
+    print(describe(comparison, config.eval_data, config.eval_temperature))

@@ -146,7 +146,7 @@ def plan(config: TrainConfig, ranks: int, prompt_tokens: int, on_gpu: bool = Tru
                       + (", checkpointed)" if config.gradient_checkpointing else ")"), activations, False))
     update_logits = micro * (config.max_new_tokens + 1) * vocab * (4 if fused else compute)
     lines.append(Line("update", "logits of the micro-batch (gradient written in place)", update_logits, False))
-    if sharded:  # models built in host memory reach the device one FSDP unit at a time (train.model_home)
+    if sharded:  # models built in host memory reach the device one FSDP unit at a time (learners.model_home)
         lines.append(Line("start-up", "one unit unsharded while sharding (fp32)", 4 * max(block, root), True))
     if config.sft_steps != 0:  # None: sized to the data, so some
         logits = Line("warm-up", "fp32 logits of the targets", WARMUP_BATCH * config.max_new_tokens * vocab * 4, False)

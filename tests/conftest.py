@@ -90,21 +90,21 @@ def sandbox_uid_processes(worker_pids: Iterable[int] | None = None) -> list[int]
 
 @pytest.fixture
 def wrapped(monkeypatch) -> dict:
-    """What the trainer hands to ``train.wrap_models`` as a run starts: policy, critic, reference, config,
+    """What the trainer hands to ``learners.wrap_models`` as a run starts: policy, critic, reference, config,
     and ``live_models``, how many language models (modules with ``generate``) are in memory then."""
     import gc
 
     import torch
 
-    from stepcoder import train
+    from stepcoder import learners
 
     held: dict = {}
-    original = train.wrap_models
+    original = learners.wrap_models
 
     def spy(policy, critic, reference, config, device):
         live = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module) and hasattr(o, "generate")]
         held.update(policy=policy, critic=critic, reference=reference, config=config, live_models=len(live))
         return original(policy, critic, reference, config, device)
 
-    monkeypatch.setattr(train, "wrap_models", spy)
+    monkeypatch.setattr(learners, "wrap_models", spy)
     return held

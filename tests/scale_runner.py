@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from stepcoder import train
+from stepcoder import batching, checkpoint, learners, ppo, rollouts, startup
 from stepcoder.config import parse_config
 from stepcoder.data import load_builtin
 from stepcoder.distributed import fsdp_units, setup, unwrap, world
@@ -31,14 +31,14 @@ ARGS = ["--output_dir", "unused", "--advantage", "gae", "--kl_coef", "0.01", "--
         "--critic_learning_rate", "1e-3", "--max_new_tokens", "6", "--forward_batch_size", "3", "--fused_lm_head", "off"]
 
 
-def experience_rows(tokenizer) -> list[train.Sample]:
+def experience_rows(tokenizer) -> list[rollouts.Sample]:
     rng = random.Random(11)
     problems = load_builtin().problems
     samples = []
     for row in range(ROWS):
         prompt = tokenizer(problems[row].question[:rng.randint(20, 80)])["input_ids"]
         response = [rng.randrange(3, len(tokenizer)) for _ in range(rng.randint(2, 7))]
-        samples.append(train.Sample(problem=problems[row], stage=0, prefix="", prompt_ids=prompt, response_ids=response,
+        samples.append(rollouts.Sample(problem=problems[row], stage=0, prefix="", prompt_ids=prompt, response_ids=response,
                                     completion="", verdict=rng.choice(["pass", "wrong_answer", "compile_error"]),
                                     fgo=[rng.choice([0, 1, 1]) for _ in response]))
     return samples
@@ -63,7 +63,7 @@ def main(out: str, strategy: str) -> None:
     policy = without_dropout(build_default_model(tokenizer, seed=5))
     reference = without_dropout(build_default_model(tokenizer, seed=5)).eval().requires_grad_(False)
     critic = make_critic(policy, share_trunk=False)
-    train_policy, train_critic = train.wrap_models(policy, critic, reference, config, device)
+    train_policy, train_critic = learners.wrap_models(policy, critic, reference, config, device)
     optimizers = [torch.optim.AdamW(train_policy.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0),
                   torch.optim.AdamW(train_critic.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)]
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
@@ -79,18 +79,18 @@ def main(out: str, strategy: str) -> None:
     FSDPParamGroup.unshard = counting
     torch.manual_seed(123)
     prompts = [p.question[:60] for p in load_builtin().problems[:2]]
-    engine = train.start_engine(config, train_policy, tokenizer, 0, device)  # the run's HF engine
+    engine = startup.start_engine(config, train_policy, tokenizer, 0, device)  # the run's HF engine
     pairs = [(g.prompt_ids, g.response_ids) for g in engine.generate(prompts, Sampling(12, config.temperature))]
     FSDPParamGroup.unshard = original
 
     samples = experience_rows(tokenizer)[rank::ranks]
-    batch = train.pad_batch(samples, tokenizer, config, device)
-    experience = train.score_rollouts(train_policy, reference, train_critic, batch, config)
-    update = train.ppo_update(train_policy, train_critic, optimizers, batch, experience, config,
-                              torch.Generator().manual_seed(0))
-    train.response_logits(train_policy, batch, slice(None)).float().sum().backward()  # gradients, to count them
+    batch = batching.pad_batch(samples, tokenizer, config, device)
+    experience = ppo.score_rollouts(train_policy, reference, train_critic, batch, config)
+    update = ppo.ppo_update(train_policy, train_critic, optimizers, batch, experience, config,
+                            torch.Generator().manual_seed(0))
+    batching.response_logits(train_policy, batch, slice(None)).float().sum().backward()  # gradients, to count them
     memory = local_bytes(train_policy, optimizers[0])
-    weights = {name: train.checkpoint.full_state_dict(model) for name, model in
+    weights = {name: checkpoint.full_state_dict(model) for name, model in
                (("policy", train_policy), ("critic", train_critic))}
     if rank == 0:
         torch.save({"update": update, "weights": weights, "tokens": [r for _, r in pairs], "gathers": len(gathers),

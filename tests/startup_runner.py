@@ -14,20 +14,20 @@ import resource
 import sys
 from pathlib import Path
 
-from stepcoder import train
+from stepcoder import learners, startup, train
 
 if __name__ == "__main__":
     out, flags = Path(sys.argv[1]), sys.argv[2:]
     if flags and flags[0] == "--whole_on_every_rank":
-        train.from_rank0 = lambda config: False
-        train.sharded_warmup = lambda config: False
+        learners.from_rank0 = lambda config: False
+        learners.sharded_warmup = lambda config: False
         flags = flags[1:]
-    make_curriculum = train.make_curriculum
+    make_curriculum = startup.make_curriculum
 
     def after_start_up(*args, **kwargs):
         (out / f"rank-{os.environ.get('RANK', '0')}.json").write_text(
             json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return make_curriculum(*args, **kwargs)
 
-    train.make_curriculum = after_start_up
+    startup.make_curriculum = after_start_up
     train.main(flags[flags.index("--") + 1:])

@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from stepcoder import train
+from stepcoder import learners, train
 from stepcoder.advantages import GROUP_EPS, group_advantages
 
 TINY = ["--data", "builtin", "--limit", "8", "--problems_per_step", "4", "--max_new_tokens", "32", "--sft_steps", "10",
@@ -74,7 +74,7 @@ def test_a_critic_free_run_builds_no_value_model(tmp_path, monkeypatch, wrapped,
     check (which raises on a mixed group) passes every step. No critic is built or saved; at kl_coef 0 no
     reference either: one model in memory."""
     built = wrapped
-    monkeypatch.setattr(train, "make_critic", lambda *args: pytest.fail("a critic was built"))
+    monkeypatch.setattr(learners, "make_critic", lambda *args: pytest.fail("a critic was built"))
     history = train.main([*TINY, "--output_dir", str(tmp_path / "run"), "--advantage", estimator,
                           "--rollouts_per_prompt", "3", "--generation_batch_size", "4", "--total_steps", "2",
                           "--kl_coef", "0"])

@@ -158,18 +158,18 @@ def test_bad_curriculum_arguments():
 
 def simulate(mode: str, window: int, stage_counts: list[int], steps: int, problems_per_step: int,
              rollouts_per_prompt: int) -> int:
-    """The trainer's own draw order (train.problem_batch) with every rollout passing: the most stages
+    """The trainer's own draw order (selection.problem_batch) with every rollout passing: the most stages
     any problem moves in `steps` steps -- the brute-force reference for ``reach``."""
-    from stepcoder import train
+    from stepcoder import data, selection
     from stepcoder.config import parse_config
 
     config = parse_config(["--output_dir", "unused", "--problems_per_step", str(problems_per_step)])
-    problems = [train.Problem(id=str(i), question="", starter_code="", solutions=[], tests=[], kind="stdin",
+    problems = [data.Problem(id=str(i), question="", starter_code="", solutions=[], tests=[], kind="stdin",
                               entry=None) for i in range(len(stage_counts))]
     stages = {str(i): [f"p{j}" for j in range(count - 1)] + [""] for i, count in enumerate(stage_counts)}
     curriculum = Curriculum(stages, threshold=1.0, window=window, mode=mode)
     for step in range(steps):
-        chosen = train.problem_batch(problems, step * problems_per_step, config, seed=0)
+        chosen = selection.problem_batch(problems, step * problems_per_step, config, seed=0)
         drawn = [(p.id, curriculum.stage(p.id)) for p in chosen for _ in range(rollouts_per_prompt)]
         for problem, stage in drawn:  # a step's rollouts are generated before any is recorded
             curriculum.record(problem, True, stage)
@@ -203,14 +203,14 @@ def test_reach_equals_the_brute_force_curriculum_and_warns_when_it_cannot_move()
 
 
 def test_the_trainer_warns_at_start_when_the_curriculum_cannot_move(capsys):
-    from stepcoder import train
+    from stepcoder import selection
     from stepcoder.config import parse_config
 
     stages = {str(i): ["a", "b", ""] for i in range(1000)}
     stuck = parse_config(["--output_dir", "unused", "--total_steps", "80", "--cccs_mode", "per_problem",
                           "--cccs_window", "8", "--problems_per_step", "8", "--rollouts_per_prompt", "4"])
-    assert train.make_curriculum(stages, stuck).window == 8
+    assert selection.make_curriculum(stages, stuck).window == 8
     assert "cannot advance at all" in capsys.readouterr().err
     moving = parse_config(["--output_dir", "unused"])  # the small model's global curriculum, default window
-    assert train.make_curriculum(stages, moving).window == 64  # one step: 8 problems x 8 rollouts
+    assert selection.make_curriculum(stages, moving).window == 64  # one step: 8 problems x 8 rollouts
     assert "warning" not in capsys.readouterr().err

@@ -229,7 +229,7 @@ def test_a_save_that_runs_out_of_space_stops_the_run_and_keeps_the_last_checkpoi
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_row_that_cannot_be_written_stops_the_run_with_a_message():
     """/dev/full fails every write with ENOSPC, as a full disk does under metrics.jsonl."""
-    from stepcoder.train import Logger
+    from stepcoder.runlog import Logger
 
     with pytest.raises(SystemExit, match="could not append to /dev/full: No space left on device; the run stops"):
         Logger._append(Path("/dev/full"), '{"step": 1}\n')

@@ -160,7 +160,7 @@ def trl_setup(tmp_path):
 
     from stepcoder.integrations.trl import cccs_dataset, make_reward
     from stepcoder.models import build_default_model, build_default_tokenizer
-    from stepcoder.train import tokenizer_corpus
+    from stepcoder.learners import tokenizer_corpus
 
     problems = [p for p in load_problems("synthetic:train").problems if p.kind == "function"][:4]
     tokenizer = build_default_tokenizer(tokenizer_corpus(problems))

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stepcoder import lora, train
+from stepcoder import batching, learners, lora, models, ppo, rollouts, train
 from stepcoder.config import parse_config
 from stepcoder.data import load_problems
 from stepcoder.models import build_default_model, build_default_tokenizer
@@ -48,17 +48,17 @@ def load_base(base: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
 
 
-def logprobs64(model, batch: train.Batch) -> torch.Tensor:
+def logprobs64(model, batch: batching.Batch) -> torch.Tensor:
     """Response log-probs from the full logits in float64: the independent reference."""
     width = batch.responses.shape[1]
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=train.position_ids(batch.attention_mask)).logits
+                       position_ids=models.position_ids(batch.attention_mask)).logits
     logp = logits[:, -width - 1:-1].double().log_softmax(-1)
     return logp.gather(-1, batch.responses[..., None]).squeeze(-1) * batch.action_mask
 
 
-def random_batch(config, tokenizer, rows: int = 8) -> train.Batch:
+def random_batch(config, tokenizer, rows: int = 8) -> batching.Batch:
     problem = load_problems("builtin").problems[0]
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     samples = []
@@ -67,27 +67,27 @@ def random_batch(config, tokenizer, rows: int = 8) -> train.Batch:
                                generator=generator).tolist()
         response = torch.randint(2, len(tokenizer), (int(torch.randint(1, 9, (1,), generator=generator)),),
                                  generator=generator).tolist()
-        samples.append(train.Sample(problem, 0, "", prompt, response, "", verdict="pass", fgo=[1] * len(response)))
-    return train.pad_batch(samples, tokenizer, config, "cpu")
+        samples.append(rollouts.Sample(problem, 0, "", prompt, response, "", verdict="pass", fgo=[1] * len(response)))
+    return batching.pad_batch(samples, tokenizer, config, "cpu")
 
 
 @pytest.mark.parametrize("fused", ["auto", "off"])
 def test_the_reference_is_the_base_model_with_the_adapter_off(base, fused):
     config = parse_config(["--model_name_or_path", str(base), *TINY, "--advantage", "grpo", "--fused_lm_head", fused,
                            "--output_dir", "unused"])
-    policy, reference, tokenizer, _, _ = train.build_models(config, [], {}, None, "cpu")
+    policy, reference, tokenizer, _, _ = learners.build_models(config, [], {}, None, "cpu")
     assert reference is policy and lora.is_adapted(policy)
     with torch.no_grad():  # a trained adapter: B starts at zero, which would make the test vacuous
         for name, parameter in policy.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.2)
     batch = random_batch(config, tokenizer)
-    experience = train.score_rollouts(policy, reference, None, batch, config)
+    experience = ppo.score_rollouts(policy, reference, None, batch, config)
     base_logp = logprobs64(load_base(base), batch)
     torch.testing.assert_close(experience["ref_logp"].double() * batch.action_mask, base_logp, atol=1e-5, rtol=0)
     assert (experience["old_logp"].double() * batch.action_mask - base_logp).abs().max() > 1e-2  # the adapter acts
     # the adapter is on again after the reference's pass
-    torch.testing.assert_close(train.score_rollouts(policy, None, None, batch, config)["old_logp"],
+    torch.testing.assert_close(ppo.score_rollouts(policy, None, None, batch, config)["old_logp"],
                                experience["old_logp"])
 
 

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from stepcoder import train
+from stepcoder import batching, ppo, rollouts, runlog
 from stepcoder.rollouts import importance_weights
 
 
@@ -71,20 +71,20 @@ def test_the_weight_scales_each_tokens_policy_loss_and_hf_rollouts_get_none():
     for problem in problems:
         for length in (3, 5):
             response = torch.randint(5, 100, (length,)).tolist()
-            samples.append(train.Sample(problem, 0, "", tokenizer(problem.question[:40])["input_ids"], response, "",
+            samples.append(rollouts.Sample(problem, 0, "", tokenizer(problem.question[:40])["input_ids"], response, "",
                                         verdict=random.choice(["pass", "wrong_answer"]), fgo=[1] * length))
-    batch = train.pad_batch(samples, tokenizer, config, "cpu")
+    batch = batching.pad_batch(samples, tokenizer, config, "cpu")
     assert batch.engine_logp is None  # the HF engine records nothing: weights 1, nothing to compare
-    experience = train.score_rollouts(model, None, None, batch, config)
+    experience = ppo.score_rollouts(model, None, None, batch, config)
     assert torch.equal(experience["is_weights"], torch.ones_like(experience["old_logp"]))
-    assert train.rollout_mismatch(batch, experience) == {"rollout_is_ratio_mean": 1.0}
+    assert ppo.rollout_mismatch(batch, experience) == {"rollout_is_ratio_mean": 1.0}
     for sample in samples:  # now as a vLLM engine reports them: near the learner's, not equal
         sample.engine_logprobs = (torch.randn(len(sample.response_ids)) * 0.3 - 2).tolist()
-    batch = train.pad_batch(samples, tokenizer, config, "cpu")
-    experience = train.score_rollouts(model, None, None, batch, config)
+    batch = batching.pad_batch(samples, tokenizer, config, "cpu")
+    experience = ppo.score_rollouts(model, None, None, batch, config)
     expected = importance_weights(experience["old_logp"], batch.engine_logp, batch.policy_mask, "token", 2.0)
     torch.testing.assert_close(experience["is_weights"], expected)
-    metrics = train.rollout_mismatch(batch, experience)
+    metrics = ppo.rollout_mismatch(batch, experience)
     gap = (experience["old_logp"] - batch.engine_logp).abs()[batch.policy_mask > 0]
     assert metrics["rollout_logprob_abs_diff_max"] == pytest.approx(float(gap.max()))
     assert metrics["rollout_logprob_abs_diff_mean"] == pytest.approx(float(gap.mean()), rel=1e-5)
@@ -124,14 +124,14 @@ def test_never_run_tokens_and_their_gradient_share_are_measured_in_every_arm(no_
     for index, problem in enumerate(problems * 2):
         length = 4 + index
         executed = (torch.rand(length, generator=generator) > 0.4).long().tolist()
-        samples.append(train.Sample(problem, 0, "prefix\n" if index == 1 else "", [5, 6], [9] * length, "",
+        samples.append(rollouts.Sample(problem, 0, "prefix\n" if index == 1 else "", [5, 6], [9] * length, "",
                                     verdict=("pass", "wrong_answer")[index % 2], executed=executed,
                                     fgo=[1] * length if no_fgo else executed))
-    batch = train.pad_batch(samples, tokenizer, config, "cpu")
+    batch = batching.pad_batch(samples, tokenizer, config, "cpu")
     advantages = torch.randn(batch.responses.shape, generator=generator) * batch.action_mask
     experience = {"advantages": advantages, "kl": torch.zeros_like(advantages), "ref_logp": None,
                   "old_logp": torch.zeros_like(advantages), "is_weights": torch.ones_like(advantages)}
-    metrics = train.step_metrics(1, samples, batch, experience, {}, None, {})
+    metrics = runlog.step_metrics(1, samples, batch, experience, {}, None, {})
     never = [(abs(float(a)), e == 0) for s, row in zip(samples, advantages) for e, a in zip(s.executed, row)]
     assert metrics["unexecuted_frac"] == pytest.approx(sum(n for _, n in never) / len(never))
     expected = 0.0 if not no_fgo else sum(w for w, n in never if n) / sum(w for w, _ in never)

@@ -226,7 +226,7 @@ def test_gradient_checkpointing_gives_the_same_update(precision, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     from scale_runner import ARGS, experience_rows
 
-    from stepcoder import train
+    from stepcoder import batching, ppo
     from stepcoder.data import load_builtin
     from stepcoder.models import (
         build_default_model,
@@ -247,9 +247,9 @@ def test_gradient_checkpointing_gives_the_same_update(precision, monkeypatch):
             checkpoint_activations(policy)
             checkpoint_activations(critic.trunk)
         optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-3) for model in (policy, critic)]
-        batch = train.pad_batch(experience_rows(tokenizer), tokenizer, config, "cpu")
-        experience = train.score_rollouts(policy, reference, critic, batch, config)
-        train.ppo_update(policy, critic, optimizers, batch, experience, config, torch.Generator().manual_seed(0))
+        batch = batching.pad_batch(experience_rows(tokenizer), tokenizer, config, "cpu")
+        experience = ppo.score_rollouts(policy, reference, critic, batch, config)
+        ppo.ppo_update(policy, critic, optimizers, batch, experience, config, torch.Generator().manual_seed(0))
         results.append(torch.cat([p.detach().flatten() for p in [*policy.parameters(), *critic.parameters()]]))
     assert relative(results[1], results[0]) < (1e-6 if precision == "fp32" else 1e-3)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepcoder import kernels, remote, train, warmup
+from stepcoder import batching, kernels, learners, ppo, remote, rollouts, sandbox, selection, startup, train, warmup
 from stepcoder.config import ConfigError, parse_config
 from stepcoder.data import DataError, Problem, load_builtin
 from stepcoder.models import build_default_model, build_default_tokenizer, make_critic
@@ -72,15 +72,15 @@ def test_logprobs_with_and_without_left_padding_agree():
     response = tokenizer(" if x > 0:\n    y = 1\n")["input_ids"]
     samples, problem = [], load_builtin().problems[0]
     for prompt in (short, long):
-        samples.append(train.Sample(problem=problem, stage=0, prefix="", prompt_ids=tokenizer(prompt)["input_ids"],
+        samples.append(rollouts.Sample(problem=problem, stage=0, prefix="", prompt_ids=tokenizer(prompt)["input_ids"],
                                     response_ids=response, completion="", fgo=[1] * len(response)))
     config = parse_config(["--output_dir", "unused"])
-    alone = train.pad_batch(samples[:1], tokenizer, config, "cpu")
-    together = train.pad_batch(samples, tokenizer, config, "cpu")
+    alone = batching.pad_batch(samples[:1], tokenizer, config, "cpu")
+    together = batching.pad_batch(samples, tokenizer, config, "cpu")
     assert together.attention_mask[0].sum() < together.attention_mask.shape[1]  # the short prompt is left-padded
     with torch.no_grad():
-        logp_alone = kernels.logprobs_from_logits(train.response_logits(model, alone, slice(None)), alone.responses)
-        logp_padded = kernels.logprobs_from_logits(train.response_logits(model, together, slice(None)),
+        logp_alone = kernels.logprobs_from_logits(batching.response_logits(model, alone, slice(None)), alone.responses)
+        logp_padded = kernels.logprobs_from_logits(batching.response_logits(model, together, slice(None)),
                                                    together.responses)
     torch.testing.assert_close(logp_padded[0], logp_alone[0], atol=1e-5, rtol=1e-5)
 
@@ -90,13 +90,13 @@ def test_reward_lands_on_the_last_generated_token_and_kl_is_zero_at_the_referenc
     problems = load_builtin().problems[:3]
     samples = []
     for length, verdict, problem in zip((3, 7, 1), ("pass", "wrong_answer", "compile_error"), problems):
-        samples.append(train.Sample(problem=problem, stage=0, prefix="", prompt_ids=tokenizer("q")["input_ids"],
+        samples.append(rollouts.Sample(problem=problem, stage=0, prefix="", prompt_ids=tokenizer("q")["input_ids"],
                                     response_ids=list(range(5, 5 + length)), completion="", verdict=verdict,
                                     fgo=[1] * length))
     config = parse_config(["--output_dir", "unused", "--advantage", "gae", "--kl_coef", "0.5"])
-    batch = train.pad_batch(samples, tokenizer, config, "cpu")
+    batch = batching.pad_batch(samples, tokenizer, config, "cpu")
     critic = make_critic(model, share_trunk=False)
-    experience = train.score_rollouts(model, model, critic, batch, config)
+    experience = ppo.score_rollouts(model, model, critic, batch, config)
     assert float(experience["kl"].abs().max()) == 0.0
     rewards = experience["rewards"]
     expected = torch.zeros_like(rewards)
@@ -163,14 +163,14 @@ def test_the_small_model_is_sized_to_its_data_and_a_pretrained_one_is_checked(tm
     problem = Problem(id="long/0", question="Count to 700.", starter_code="", solutions=[long_solution],
                       tests=[TestCase("", "700\n")], kind="stdin", entry=None)
     config = parse_config(["--output_dir", str(tmp_path / "unused"), "--sft_steps", "2"])
-    stages = train.cccs_stages([problem], config)
-    policy, _, tokenizer, _, _ = train.build_models(config, [problem], stages, None, "cpu")
+    stages = selection.cccs_stages([problem], config)
+    policy, _, tokenizer, _, _ = learners.build_models(config, [problem], stages, None, "cpu")
     needed = max(warmup.context_needed([problem], stages, tokenizer, config).values())
     assert needed > 1024 and policy.config.n_positions == -(-needed // 64) * 64
     # the warm-up: 6 passes over the examples (counted as the warm-up builds them), at most 1000 steps
     small = parse_config(["--output_dir", "unused", "--data", "builtin"])
-    builtin = train.select_problems(small)
-    builtin_stages = train.cccs_stages(builtin, small)
+    builtin = selection.select_problems(small)
+    builtin_stages = selection.cccs_stages(builtin, small)
     examples = len(warmup.warmup_examples(builtin, builtin_stages, tokenizer, None))
     assert small.sft_steps is None and examples > len(builtin)
     assert warmup.sized_warmup(small, builtin, builtin_stages).sft_steps == -(-6 * examples // 16)
@@ -193,9 +193,9 @@ def test_the_small_model_warms_up_on_real_apps_plus_problems(tmp_path):
     GPT-2's position embedding. Its context now holds the longest example, and the warm-up runs."""
     config = parse_config(["--data", f"apps_plus:{APPS_PLUS_VALID}", "--limit", "4", "--sft_steps", "2",
                            "--output_dir", str(tmp_path)])
-    problems = train.select_problems(config)
-    stages = train.cccs_stages(problems, config)
-    policy, _, tokenizer, _, _ = train.build_models(config, problems, stages, None, "cpu")
+    problems = selection.select_problems(config)
+    stages = selection.cccs_stages(problems, config)
+    policy, _, tokenizer, _, _ = learners.build_models(config, problems, stages, None, "cpu")
     longest = max(len(p) + len(t) for p, t in warmup.warmup_examples(problems, stages, tokenizer, None))
     assert longest > 1024 and policy.config.n_positions >= longest
 
@@ -244,10 +244,10 @@ def test_the_reference_after_resume_is_exactly_the_starting_policy(tmp_path, ext
     checkpoint = tmp_path / "run" / "checkpoint-1"
     assert not (checkpoint / "reference").exists()  # rebuilt on resume, not saved
     config = parse_config(argv)
-    problems = train.select_problems(config)
-    stages = train.cccs_stages(problems, config)
-    _, fresh, tokenizer, _, _ = train.build_models(config, problems, stages, None, "cpu")
-    _, resumed, _, _, _ = train.build_models(config, problems, stages, checkpoint, "cpu")
+    problems = selection.select_problems(config)
+    stages = selection.cccs_stages(problems, config)
+    _, fresh, tokenizer, _, _ = learners.build_models(config, problems, stages, None, "cpu")
+    _, resumed, _, _, _ = learners.build_models(config, problems, stages, checkpoint, "cpu")
     rows = fresh.get_input_embeddings().weight.shape[0]
     assert rows == max(len(tokenizer), len(tokenizer) - 1 + extra_rows)  # grown where needed, never shrunk
     for (name, a), (_, b) in zip(fresh.state_dict().items(), resumed.state_dict().items()):
@@ -266,10 +266,10 @@ def test_truncated_responses_are_counted_and_penalized(tmp_path):
                   "--truncation_penalty", "0.5")
     assert history[0]["truncated_frac"] > 0.5
     problem = load_builtin().problems[0]
-    samples = [train.Sample(problem=problem, stage=0, prefix="", prompt_ids=[1], response_ids=[2], completion="",
+    samples = [rollouts.Sample(problem=problem, stage=0, prefix="", prompt_ids=[1], response_ids=[2], completion="",
                             verdict="wrong_answer", fgo=[1], truncated=cut) for cut in (False, True)]
     _, tokenizer = _pair()
-    batch = train.pad_batch(samples, tokenizer, parse_config(["--output_dir", "x", "--truncation_penalty", "0.5"]),
+    batch = batching.pad_batch(samples, tokenizer, parse_config(["--output_dir", "x", "--truncation_penalty", "0.5"]),
                             "cpu")
     assert batch.scores.tolist() == pytest.approx([-0.3, -0.8])
 
@@ -300,7 +300,7 @@ def test_a_canonical_solution_that_does_not_parse_trains_at_full_generation(caps
     config = parse_config(["--output_dir", "unused"])
     problems = load_builtin().problems[:2]
     problems[1] = dataclasses.replace(problems[1], id="apps/py2", solutions=["print 'hello'\n"])
-    stages = train.cccs_stages(problems, config)
+    stages = selection.cccs_stages(problems, config)
     assert stages["apps/py2"] == [""] and len(stages[problems[0].id]) > 1
     assert "apps/py2: the canonical solution does not parse" in capsys.readouterr().err
 
@@ -311,8 +311,8 @@ def test_prompts_that_cannot_fit_the_context_are_an_error_naming_the_problem():
     config = parse_config(["--output_dir", "unused", "--max_new_tokens", "1000"])  # n_positions is 1024
     stages = {p.id: [""] for p in problems}
     with pytest.raises(DataError, match=rf"3 prompts do not fit .* 1024 tokens .*{problems[0].id}"):
-        train.check_prompts_fit(model, tokenizer, problems, stages, config)
-    train.check_prompts_fit(model, tokenizer, problems, stages, parse_config(["--output_dir", "unused"]))
+        learners.check_prompts_fit(model, tokenizer, problems, stages, config)
+    learners.check_prompts_fit(model, tokenizer, problems, stages, parse_config(["--output_dir", "unused"]))
 
 
 @pytest.mark.parametrize("coverage, stops, arm", [("all_tests", False, []), ("first_failure", True, []),
@@ -323,7 +323,7 @@ def test_fgo_coverage_chooses_how_many_tests_run(tmp_path, monkeypatch, coverage
     too, where what FGO would mask is measured but nothing is masked."""
     made = []
 
-    class Recorded(train.Sandbox):
+    class Recorded(sandbox.Sandbox):
         def __init__(self, *args, **kwargs):
             made.append(kwargs)
             super().__init__(*args, **kwargs)
@@ -407,16 +407,16 @@ def test_losses_from_hidden_states_match_the_logits_path():
     model, tokenizer = _pair()
     response = tokenizer(" if x > 0:\n    y = 1\n")["input_ids"]
     problem = load_builtin().problems[0]
-    samples = [train.Sample(problem=problem, stage=0, prefix="", prompt_ids=tokenizer(p)["input_ids"],
+    samples = [rollouts.Sample(problem=problem, stage=0, prefix="", prompt_ids=tokenizer(p)["input_ids"],
                             response_ids=response, completion="", fgo=[1] * len(response))
                for p in ("print(1)\n", "x = 2\nprint(x)\n")]
     fused = parse_config(["--output_dir", "unused"])
     plain = parse_config(["--output_dir", "unused", "--fused_lm_head", "off"])
-    batch = train.pad_batch(samples, tokenizer, fused, "cpu")
-    assert train.lm_head_weight(model, fused) is not None and train.lm_head_weight(model, plain) is None
+    batch = batching.pad_batch(samples, tokenizer, fused, "cpu")
+    assert batching.lm_head_weight(model, fused) is not None and batching.lm_head_weight(model, plain) is None
     with torch.no_grad():
-        from_hidden = train.response_logprobs(model, batch, slice(None), fused)
-        from_logits = train.response_logprobs(model, batch, slice(None), plain)
+        from_hidden = batching.response_logprobs(model, batch, slice(None), fused)
+        from_logits = batching.response_logprobs(model, batch, slice(None), plain)
     torch.testing.assert_close(from_hidden, from_logits, atol=1e-5, rtol=1e-5)
 
 
@@ -486,8 +486,8 @@ def test_the_sandbox_pool_leaves_a_cpu_to_the_trainer_only_from_four_up(monkeypa
     config = parse_config(["--output_dir", "unused"])
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
-    assert train.sandbox_workers(config) == workers
-    assert train.sandbox_workers(parse_config(["--output_dir", "unused", "--sandbox_workers", "3"])) == 3
+    assert startup.sandbox_workers(config) == workers
+    assert startup.sandbox_workers(parse_config(["--output_dir", "unused", "--sandbox_workers", "3"])) == 3
 
 
 def test_the_default_tokenizer_spells_the_closing_fence_as_one_token():
@@ -498,7 +498,7 @@ def test_the_default_tokenizer_spells_the_closing_fence_as_one_token():
     from stepcoder.prompts import CODE_FENCE, build_prompt
 
     problems = load_problems("synthetic:train").problems[:200]
-    tokenizer = build_default_tokenizer(train.tokenizer_corpus(problems))
+    tokenizer = build_default_tokenizer(learners.tokenizer_corpus(problems))
     assert len(tokenizer(CODE_FENCE, add_special_tokens=False)["input_ids"]) == 1
     solution = problems[0].solutions[0]
     ending = tokenizer(solution + CODE_FENCE, add_special_tokens=False)["input_ids"][-1]
@@ -514,23 +514,23 @@ def test_the_warm_up_can_take_other_problems_and_whole_programs_only(tmp_path):
     --sft_whole_programs on their whole programs only: one example per problem, the solution after its
     starter code; by default the training problems at every CCCS stage; none without a warm-up."""
     base = ["--output_dir", str(tmp_path), "--data", "synthetic-long:train", "--sft_steps", "5"]
-    problems = train.select_problems(parse_config(base))
-    default_problems, default_stages = train.select_warmup(parse_config(base), problems)
+    problems = selection.select_problems(parse_config(base))
+    default_problems, default_stages = selection.select_warmup(parse_config(base), problems)
     assert default_problems is problems and all(len(default_stages[p.id]) >= 3 for p in problems)
     config = parse_config([*base, "--sft_data", "synthetic-long:warmup", "--sft_whole_programs"])
-    sft_problems, sft_stages = train.select_warmup(config, problems)
+    sft_problems, sft_stages = selection.select_warmup(config, problems)
     assert {p.id.split("/")[1] for p in sft_problems} == {"warmup-0"} and len(sft_problems) == 4000
     assert not {p.solutions[0] for p in sft_problems} & {p.solutions[0] for p in problems}
     assert set(map(tuple, sft_stages.values())) == {("",)}
-    tokenizer = build_default_tokenizer(train.tokenizer_corpus(problems))
+    tokenizer = build_default_tokenizer(learners.tokenizer_corpus(problems))
     examples = warmup.warmup_examples(sft_problems[:20], sft_stages, tokenizer, False)
     assert len(examples) == 20
     for problem, (_, target) in zip(sft_problems, examples):
         body = problem.solutions[0][len(problem.starter_code):]
         assert tokenizer.decode(target, skip_special_tokens=True) == body + "```"
-    assert train.select_warmup(parse_config([*base, "--sft_steps", "0"]), problems) == ([], {})
+    assert selection.select_warmup(parse_config([*base, "--sft_steps", "0"]), problems) == ([], {})
     with pytest.raises(DataError, match="synthetic-long:nope"):
-        train.select_warmup(parse_config([*base, "--sft_data", "synthetic-long:nope"]), problems)
+        selection.select_warmup(parse_config([*base, "--sft_data", "synthetic-long:nope"]), problems)
     # the small model's context holds the warm-up's examples too (they are longer than any prompt here)
     needed = warmup.context_needed(problems[:3], default_stages, tokenizer, config, sft=(sft_problems[:50], sft_stages))
     assert set(needed) == {p.id for p in problems[:3]} | {p.id for p in sft_problems[:50]}

@@ -10,7 +10,7 @@ tracing into shared memory. Programs are judged by the CPU time they used, not b
 for a CPU, so a busy machine does not turn a correct program into a timeout.
 Each test's program, input and output files are memfds created here and handed to the worker by
 descriptor, so a worker never holds a job's data. Expected outputs never leave this process: the
-comparison happens here, on what the program printed or returned.
+comparison happens here (``stepcoder.verdicts``), on what the program printed or returned.
 
     from stepcoder.sandbox import Sandbox, TestCase
     with Sandbox(workers=2, timeout=2.0, memory_mb=1024) as sb:
@@ -35,71 +35,31 @@ import threading
 import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 from stepcoder import _worker
+from stepcoder.verdicts import (
+    KINDS,
+    TAIL_BYTES,
+    VERDICTS,
+    Result,
+    TestCase,
+    TestResult,
+    classify,
+    compile_warnings,
+    job_result,
+    parse_report,
+    values_equal,
+)
 
-KINDS = ("stdin", "function", "method", "assert")
-VERDICTS = ("pass", "wrong_answer", "runtime_error", "timeout", "memory_limit", "output_limit", "compile_error",
-            "violation")
+__all__ = ["KINDS", "TAIL_BYTES", "VERDICTS", "Limits", "Result", "Sandbox", "SandboxError", "TestCase", "TestResult",
+           "values_equal"]
 
-TAIL_BYTES = 2048          # how much of each test's stdout/stderr a result keeps
 C_TRACER_SLOWDOWN = 3.0    # limits stretch by this on Python < 3.12: the C trace function costs ~3x CPU
 WALL_FACTOR, WALL_SLACK = 4.0, 1.0  # the default wall backstop: WALL_FACTOR x timeout + WALL_SLACK seconds
-FLOAT_REL_TOL = 1e-6
-FLOAT_ABS_TOL = 1e-9       # so that 0.0 and 1e-12 compare equal
-FLOAT_INT_LIMIT = 1 << 1024  # ints at least this large have no float: compared exactly
-CANONICAL_DEPTH = 102        # _worker.canonical nests at most this deep
 WORKER_START_TIMEOUT = 60.0
 REPLY_SLACK = 10.0         # seconds a worker may take beyond a test's deadline before it is presumed dead
-
-
-@dataclass(frozen=True)
-class TestCase:
-    """One unit test.
-
-    ``input`` is the stdin text (kind "stdin"), the argument list (kinds "function" and "method"), or
-    test code run after the program in its namespace (kind "assert"). ``expected`` is the stdout text
-    or the return value; None for "assert", where passing means the test code raised nothing.
-    """
-
-    __test__ = False  # not a pytest test class
-
-    input: Any
-    expected: Any = None
-
-
-@dataclass
-class TestResult:
-    verdict: str
-    seconds: float          # wall clock, fork to reap
-    cpu_seconds: float      # user + system, every thread
-    max_rss_kb: int
-    stdout: str             # the last TAIL_BYTES
-    stderr: str
-    detail: str | None = None
-    timed_out_by: str | None = None  # "cpu" (the limit) or "wall" (the backstop) when the verdict is timeout
-    return_code: int | None = None   # the exit status a shell would see (-N: killed by signal N)
-
-
-@dataclass
-class Result:
-    verdict: str
-    tests: list[TestResult] = field(default_factory=list)
-    executed_lines: list[int] = field(default_factory=list)  # 1-based lines of the program that ran
-    detail: str | None = None                                 # the compile error, or the first failure's
-    warnings: list[str] = field(default_factory=list)         # the compiler's warnings (SyntaxWarning, ...)
-
-    @property
-    def passed(self) -> bool:
-        return self.verdict == "pass"
-
-    @property
-    def wall_timeout(self) -> bool:
-        """Judged ``timeout`` by the wall-clock backstop (a program that slept or blocked) rather than by
-        its CPU time."""
-        return self.verdict == "timeout" and any(test.timed_out_by == "wall" for test in self.tests)
 
 
 class SandboxError(RuntimeError):
@@ -361,31 +321,18 @@ class Sandbox:
                     raw = worker.call(dict(message, first=index == 0), wall + REPLY_SLACK,
                                       (program.fd, stdin, stdout.fd, stderr.fd, result.fd, data.fd))
                     outputs = (stdout.read(cap + 1), stderr.read(cap + 1), result.read(cap + 1))
-                report = _parse_report(outputs[2]) if len(outputs[2]) < cap else None
+                report = parse_report(outputs[2]) if len(outputs[2]) < cap else None
                 if report is not None and report.get("status") == "compile_error":
                     return Result("compile_error", detail=str(report.get("detail"))[:500])
                 if index == 0 and report is not None:
-                    compiler_warnings = _warnings_of(report)
-                tests.append(self._classify(raw, test, job.kind, outputs, report, given.tail_bytes))
+                    compiler_warnings = compile_warnings(report)
+                if raw["setup_error"] is not None:
+                    raise SandboxError(f"a test child could not be isolated: {raw['setup_error']}")
+                tests.append(classify(raw, test, job.kind, outputs, report, cap, given.tail_bytes))
                 lines = raw["executed_lines"]
                 if tests[-1].verdict != "pass" and given.stop_on_first_failure:
                     break
-        failure = next((t for t in tests if t.verdict != "pass"), None)
-        if failure is None:
-            return Result("pass", tests, lines, warnings=compiler_warnings)
-        return Result(failure.verdict, tests, lines, failure.detail, compiler_warnings)
-
-    def _classify(self, raw: dict, test: TestCase, kind: str, outputs: tuple[bytes, bytes, bytes],
-                  report: dict | None, tail: int) -> TestResult:
-        if raw["setup_error"] is not None:
-            raise SandboxError(f"a test child could not be isolated: {raw['setup_error']}")
-        stdout, stderr, result = outputs
-        verdict, detail = _verdict(raw, report, kind, stdout, stderr, self.output_bytes, len(result))
-        if verdict is None:
-            verdict, detail = _compare(kind, test, stdout, report)
-        timed_out_by = (raw["timed_out"] or "cpu") if verdict == "timeout" else None  # no flag: SIGXCPU
-        return TestResult(verdict, raw["wall_seconds"], raw["cpu_seconds"], raw["max_rss_kb"], _tail(stdout, tail),
-                          _tail(stderr, tail), detail, timed_out_by, _return_code(raw, report))
+        return job_result(tests, lines, compiler_warnings)
 
 
 class _Memfd:
@@ -426,158 +373,6 @@ def _line_count(program: str) -> int:
     """An upper bound of the program's line numbers plus one (the bitmap's size): Python also breaks
     lines at a lone carriage return and at form feeds within a line never."""
     return program.count("\n") + program.count("\r") + 2
-
-
-def _warnings_of(report: dict) -> list[str]:
-    found = report.get("warnings")
-    if type(found) is not list:
-        return []
-    return [text[:_worker.COMPILE_WARNING_CHARS] for text in found[:_worker.MAX_COMPILE_WARNINGS] if type(text) is str]
-
-
-def _verdict(raw: dict, report: dict | None, kind: str, stdout: bytes, stderr: bytes, cap: int, result_size: int):
-    """The verdict from how the child ended, or (None, None) when its output decides."""
-    sig = raw["signal"]
-    if raw["timed_out"] == "wall":
-        return "timeout", "killed by the wall-clock backstop (the program slept or waited)"
-    if raw["timed_out"] == "cpu" or sig == signal.SIGXCPU:
-        return "timeout", "CPU time limit"
-    if sig == signal.SIGSYS:
-        return "violation", "a forbidden system call (seccomp)"
-    if len(stdout) >= cap or len(stderr) >= cap or (report is None and result_size >= cap):
-        return "output_limit", f"output reached the {cap}-byte cap"
-    if report is not None and report.get("status") == "memory":
-        return "memory_limit", "MemoryError"
-    if sig:
-        name = signal.Signals(sig).name if sig in signal.valid_signals() else f"signal {sig}"
-        return "runtime_error", f"killed by {name}"
-    if report is None:
-        if kind == "stdin" and raw["exit_code"] == 0:
-            return None, None  # os._exit(0): what it printed still has to be right
-        return "runtime_error", f"exited with code {raw['exit_code']} before finishing"
-    if report.get("status") != "ok":
-        return "runtime_error", str(report.get("detail"))[:500]
-    return None, None
-
-
-def _compare(kind: str, test: TestCase, stdout: bytes, report: dict | None) -> tuple[str, str | None]:
-    if kind == "assert":
-        return "pass", None
-    if kind == "stdin":
-        if _lines(stdout.decode("utf-8", "replace")) == _lines(test.expected):
-            return "pass", None
-        return "wrong_answer", "stdout differs from the expected output"
-    if report is None or "value" not in report:
-        return "runtime_error", "no return value was reported"
-    if not well_formed(report["value"]):  # the program can write its own report on the result fd
-        return "runtime_error", "malformed return-value report"
-    if values_equal(report["value"], _worker.canonical(test.expected)):
-        return "pass", None
-    return "wrong_answer", f"returned {json.dumps(report['value'])[:200]}"
-
-
-def _lines(text: str) -> list[str]:
-    """Stdout as compared: line by line, trailing whitespace and trailing blank lines ignored."""
-    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    return lines
-
-
-def well_formed(value, depth: int = 0) -> bool:
-    """Whether `value` is a ``canonical`` encoding (JSON as the child's report carries it), so that the
-    comparison below cannot raise on whatever a program wrote to its result fd instead."""
-    kind = type(value)
-    if value is None or kind in (bool, int, float, str):
-        return True
-    if depth > CANONICAL_DEPTH:
-        return False
-    if kind is list:
-        return all(well_formed(item, depth + 1) for item in value)
-    if kind is not dict or len(value) != 1:
-        return False
-    (tag, body), = value.items()
-    if tag in ("__int__", "__bytes__", "__repr__"):
-        return type(body) is str
-    if tag == "__complex__":
-        return type(body) is list and len(body) == 2 and all(type(part) in (int, float) for part in body)
-    if tag == "__set__":
-        return type(body) is list and all(well_formed(item, depth + 1) for item in body)
-    if tag == "__dict__":
-        return type(body) is list and all(type(pair) is list and len(pair) == 2
-                                          and all(well_formed(part, depth + 1) for part in pair) for pair in body)
-    return False
-
-
-def values_equal(actual, expected) -> bool:
-    """Structural equality of two ``canonical`` encodings: floats within 1e-6 relative, tuples equal
-    lists (both encode as lists), bools equal 0 and 1 (as in Python, and as Codewars-style tests
-    expect), dicts and sets regardless of order."""
-    if type(actual) in (bool, int, float) and type(expected) in (bool, int, float):
-        if type(actual) is not float and type(expected) is not float:
-            return actual == expected
-        if _beyond_float(actual) or _beyond_float(expected):
-            return actual == expected  # exact in Python, where float() of such an int would overflow
-        if math.isnan(actual) or math.isnan(expected):
-            return math.isnan(actual) and math.isnan(expected)
-        return math.isclose(actual, expected, rel_tol=FLOAT_REL_TOL, abs_tol=FLOAT_ABS_TOL)
-    if type(actual) is list and type(expected) is list:
-        return len(actual) == len(expected) and all(map(values_equal, actual, expected))
-    if type(actual) is dict and type(expected) is dict:
-        if actual.keys() != expected.keys() or len(actual) != 1:
-            return False
-        tag = next(iter(actual))
-        if tag in ("__dict__", "__set__"):
-            return _unordered_equal(actual[tag], expected[tag])
-        return actual == expected
-    return type(actual) is type(expected) and actual == expected
-
-
-def _beyond_float(number) -> bool:
-    return type(number) is int and abs(number) >= FLOAT_INT_LIMIT
-
-
-def _unordered_equal(actual: list, expected: list) -> bool:
-    if len(actual) != len(expected):
-        return False
-    key = lambda item: json.dumps(item, sort_keys=True)  # noqa: E731
-    if sorted(map(key, actual)) == sorted(map(key, expected)):
-        return True
-    left = list(expected)  # slow path: elements equal only within float tolerance
-    for item in actual:
-        match = next((i for i, other in enumerate(left) if values_equal(item, other)), None)
-        if match is None:
-            return False
-        left.pop(match)
-    return True
-
-
-def _parse_report(data: bytes) -> dict | None:
-    try:
-        report = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    return report if type(report) is dict else None
-
-
-def _tail(data: bytes, size: int) -> str:
-    return data[max(0, len(data) - size):].decode("utf-8", "replace") if size else ""
-
-
-def _return_code(raw: dict, report: dict | None) -> int:
-    """What ``python program.py`` would have exited with: -N when killed by signal N, the program's own
-    exit code, 1 for an uncaught exception (the child itself reports and exits 0)."""
-    if raw["signal"]:
-        return -raw["signal"]
-    if report is None:
-        return raw["exit_code"]
-    status = report.get("status")
-    if status == "ok":
-        return 0
-    if status == "exit":  # detail is "SystemExit(code)"; a non-int code prints and exits 1, as Python does
-        code = str(report.get("detail"))[len("SystemExit("):-1]
-        return int(code) if code.lstrip("-").isdigit() and len(code) < 10 else (0 if code == "None" else 1)
-    return 1
 
 
 def _positive(value) -> bool:

@@ -217,7 +217,7 @@ def _build_for(python: str, build_dir: Path) -> None:
         pytest.skip(f"{python} has no C headers ({include}/Python.h): install its development package")
     package = build_dir / "stepcoder"
     package.mkdir(parents=True)
-    for name in ("__init__.py", "_worker.py", "sandbox.py"):
+    for name in ("__init__.py", "_worker.py", "sandbox.py", "verdicts.py"):
         shutil.copy(ROOT / "stepcoder" / name, package / name)
     sources = sorted(str(p) for p in (ROOT / "csrc").glob("*.cpp"))
     subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}",

@@ -14,7 +14,7 @@ held-out pass@1 over steps per arm with 95 % bands, ``ablation_mechanism.png`` t
 
 With the small default model two regimes are built in (``--preset``): ``synthetic`` (short programs of
 1-4 rules, the default run's setting) and ``synthetic-long`` (long programs, where a whole passing
-program is rare for the start model: the regime the paper's CCCS is for; see the README).
+program is rare for the start model: the regime the paper's CCCS is for; see docs/ablation.md).
 
     python -m stepcoder.ablation --preset synthetic-long --jobs 2        # about 90 minutes on 2 CPU cores
     python -m stepcoder.ablation --preset synthetic-long --seed_offset 1000 --seeds 4   # fresh seeds

@@ -192,7 +192,7 @@ class TrainConfig:
 
 # With no --model_name_or_path the trainer builds a small model from scratch (the embedded default run);
 # these values suit it and apply unless a flag or the config file sets them. Real models keep the
-# conservative defaults above (see README for APPS+ on GPUs). Each was measured (benchmarks/RESULTS.md):
+# conservative defaults above (see docs/training.md for APPS+ on GPUs). Each was measured (benchmarks/RESULTS.md):
 # - the curriculum is global: with 1000 training problems a per-problem window never fills, and training
 #   stuck at the first CCCS stage did not carry over to full programs;
 # - GRPO with 8 rollouts of 8 problems per step: GAE's held-out gain was +1.0 and -0.6 points on two
@@ -207,7 +207,7 @@ class TrainConfig:
 #   under 10 minutes on 2 cores; one generate call per step (64 rollouts);
 # - greedy evaluation, one sample per problem: a quarter of the programs 4 samples at T = 0.2 judged, for
 #   an interval on the difference of about +-1.6 points instead of +-1.4.
-# `--help` and the README list these values.
+# `--help` and docs/training.md list these values.
 # - the warm-up: 1000 steps of 16 examples (5.6 passes over synthetic:train's 2846), or 6 passes over the
 #   data's own examples when that is fewer (16 APPS+ problems have 52: 20 steps, not 300 passes of
 #   1.2k-token examples); sft_steps None asks warmup.sized_warmup for it.

@@ -172,7 +172,10 @@ class TrainConfig:
                                                                     "http://host:port/t/TOKEN (or the token in "
                                                                     "$STEPCODER_SERVE_TOKEN)"})
     # logging and checkpoints
-    report_to: str = field(default="none", metadata={"help": "none or tensorboard"})
+    report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb (the project: $WANDB_PROJECT, "
+                                                             "default stepcoder)"})
+    run_name: str | None = field(default=None, metadata={"help": "the run's name in wandb (default: the output "
+                                                                 "directory's name)"})
     sample_every: int = field(default=10, metadata={"help": "write sample completions every N steps"})
     save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
     save_total_limit: int = 2
@@ -230,7 +233,7 @@ LORA_LEARNING_RATE_FACTOR = 10
 SMALL_MODEL_LORA_PRESET = {"learning_rate": 3e-4}
 
 CHOICES = {"advantage": ESTIMATORS, "kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
-           "report_to": ("none", "tensorboard"), "fused_lm_head": ("auto", "off"),
+           "report_to": ("none", "tensorboard", "wandb"), "fused_lm_head": ("auto", "off"),
            "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None),
            "lr_scheduler_type": ("constant", "linear", "cosine"), "fgo_coverage": ("all_tests", "first_failure"),
            "strategy": STRATEGIES, "precision": PRECISIONS,
@@ -381,7 +384,8 @@ def read_config_file(path: str) -> dict:
 # What each optional part needs installed, and the command that installs it (README.md: "Install").
 INSTALLS = {"vllm": ("vllm", 'pip install -e ".[vllm]" on a GPU machine; on a CPU one the three lines of README.md\'s '
                      '"vLLM (optional)" section'),
-            "tensorboard": ("tensorboard", "pip install tensorboard")}
+            "tensorboard": ("tensorboard", "pip install tensorboard"),
+            "wandb": ("wandb", 'pip install -e ".[wandb]"')}
 
 
 def not_installed(option: str, value: str) -> str | None:

@@ -78,6 +78,7 @@ from stepcoder.rollouts import Sample, collect_rollouts, importance_weights, rew
 from stepcoder.remote import open_sandbox
 from stepcoder.sandbox import Sandbox, SandboxError
 from stepcoder.schedules import learning_rate_factor
+from stepcoder.trackers import open_tracker
 from stepcoder.warmup import context_needed, context_of, sized_warmup, supervised_warmup
 
 
@@ -337,14 +338,7 @@ class Logger:
         else:
             metrics.write_text("")
             samples.write_text("")
-        if config.report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("warning: --report_to tensorboard, but tensorboard is not installed; logging to jsonl only",
-                      file=sys.stderr)
-            else:
-                self.board = SummaryWriter(str(self.output / "tensorboard"))
+        self.board = open_tracker(config, self.output)
 
     def step(self, metrics: dict) -> None:
         """A step's row: in history, metrics.jsonl and TensorBoard."""
@@ -362,9 +356,7 @@ class Logger:
     def _write(self, row: dict) -> None:
         self._append(self.output / "metrics.jsonl", json.dumps(row) + "\n")
         if self.board is not None:
-            for name, value in row.items():
-                if isinstance(value, (int, float)) and name != "step":
-                    self.board.add_scalar(name, value, row["step"])
+            self.board.log(row, row["step"])
 
     def samples(self, step: int, samples: list[Sample]) -> None:
         """Every rank's rollouts of the step, in order, with the rank that made them (collective)."""
@@ -943,6 +935,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             save_checkpoint(0)
         ppo_seconds = time.perf_counter() - started - (logger.eval_seconds - evaluating)
     engine.close()
+    if logger.board is not None:
+        logger.board.close()
     if rank == 0:
         print(summarize(logger.history, build_seconds, last_step - first_step, ppo_seconds, logger.eval_seconds))
     report_evaluations(logger, config)

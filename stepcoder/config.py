@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import netrc
 import os
 import sys
 from dataclasses import dataclass, field
@@ -172,7 +173,10 @@ class TrainConfig:
                                                                     "http://host:port/t/TOKEN (or the token in "
                                                                     "$STEPCODER_SERVE_TOKEN)"})
     # logging and checkpoints
-    report_to: str = field(default="none", metadata={"help": "none or tensorboard"})
+    report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb (the project: $WANDB_PROJECT, "
+                                                             "default stepcoder)"})
+    run_name: str | None = field(default=None, metadata={"help": "the run's name in wandb (default: the output "
+                                                                 "directory's name)"})
     sample_every: int = field(default=10, metadata={"help": "write sample completions every N steps"})
     save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
     save_total_limit: int = 2
@@ -230,7 +234,7 @@ LORA_LEARNING_RATE_FACTOR = 10
 SMALL_MODEL_LORA_PRESET = {"learning_rate": 3e-4}
 
 CHOICES = {"advantage": ESTIMATORS, "kl_estimator": KL_ESTIMATORS, "chat": ("auto", "on", "off"), "cccs_mode": ("per_problem", "global"),
-           "report_to": ("none", "tensorboard"), "fused_lm_head": ("auto", "off"),
+           "report_to": ("none", "tensorboard", "wandb"), "fused_lm_head": ("auto", "off"),
            "difficulty": ("introductory", "interview", "competition", None), "device": ("cuda", "cpu", None),
            "lr_scheduler_type": ("constant", "linear", "cosine"), "fgo_coverage": ("all_tests", "first_failure"),
            "strategy": STRATEGIES, "precision": PRECISIONS,
@@ -381,7 +385,8 @@ def read_config_file(path: str) -> dict:
 # What each optional part needs installed, and the command that installs it (README.md: "Install").
 INSTALLS = {"vllm": ("vllm", 'pip install -e ".[vllm]" on a GPU machine; on a CPU one the three lines of README.md\'s '
                      '"vLLM (optional)" section'),
-            "tensorboard": ("tensorboard", "pip install tensorboard")}
+            "tensorboard": ("tensorboard", "pip install tensorboard"),
+            "wandb": ("wandb", 'pip install -e ".[wandb]"')}
 
 
 def not_installed(option: str, value: str) -> str | None:
@@ -393,14 +398,35 @@ def not_installed(option: str, value: str) -> str | None:
     return f"{option} {value}: the {package} package is not installed in this Python ({sys.executable}); install it with {command}"
 
 
+def wandb_key_missing() -> str | None:
+    """The error for an online W&B run with no API key where wandb looks for one (WANDB_API_KEY, or the
+    netrc entry `wandb login` writes for the server's host), else None: wandb.init would otherwise fail
+    only when the log opens, after the warm-up."""
+    if os.environ.get("WANDB_MODE", "online") in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return None
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError):
+        entry = None
+    if entry is not None:
+        return None
+    return (f"report_to wandb: no W&B API key for {host} (neither WANDB_API_KEY nor a netrc entry); run `wandb login`, "
+            "or set WANDB_MODE=offline to write the run locally for `wandb sync`")
+
+
 def check_installed(config: TrainConfig) -> None:
-    """Raises ConfigError where the run asks for a package this Python lacks: before any work, so that
-    minutes of warm-up do not end in an ImportError. Apart from `validate`, which also serves
-    `python -m stepcoder.plan`, where planning a GPU run on a machine without vLLM is fine."""
+    """Raises ConfigError where the run asks for a package this Python lacks, or W&B online without a
+    key: before any work, so that minutes of warm-up do not end in an ImportError. Apart from `validate`,
+    which also serves `python -m stepcoder.plan`, where planning a GPU run on a machine without vLLM is fine."""
     for option in ("rollout_engine", "report_to"):
         message = not_installed(option, getattr(config, option))
         if message:
             raise ConfigError(message)
+    if config.report_to == "wandb" and wandb_key_missing():
+        raise ConfigError(wandb_key_missing())
 
 
 def validate(config: TrainConfig) -> None:

@@ -1,5 +1,5 @@
 """What a run writes as it goes, on rank 0: ``metrics.jsonl`` (one row per step and per held-out
-evaluation), ``samples.jsonl`` (every rank's rollouts), TensorBoard when asked; each step's metrics
+evaluation), ``samples.jsonl`` (every rank's rollouts), TensorBoard or W&B when asked; each step's metrics
 summed over ranks; the summary printed at the end."""
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from stepcoder.config import TrainConfig
 from stepcoder.distributed import all_gather, all_sum, world
 from stepcoder.ppo import rollout_mismatch
 from stepcoder.rollouts import Sample
+from stepcoder.trackers import open_tracker
 
 
 class Logger:
-    """metrics.jsonl (one object per step), samples.jsonl, TensorBoard when asked; rank 0 only."""
+    """metrics.jsonl (one object per step), samples.jsonl, TensorBoard or W&B when asked; rank 0 only."""
 
     def __init__(self, config: TrainConfig, resumed_at: int | None):
         self.output = Path(config.output_dir)
@@ -43,14 +44,7 @@ class Logger:
         else:
             metrics.write_text("")
             samples.write_text("")
-        if config.report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("warning: --report_to tensorboard, but tensorboard is not installed; logging to jsonl only",
-                      file=sys.stderr)
-            else:
-                self.board = SummaryWriter(str(self.output / "tensorboard"))
+        self.board = open_tracker(config, self.output)
 
     def step(self, metrics: dict) -> None:
         """A step's row: in history, metrics.jsonl and TensorBoard."""
@@ -68,9 +62,12 @@ class Logger:
     def _write(self, row: dict) -> None:
         self._append(self.output / "metrics.jsonl", json.dumps(row) + "\n")
         if self.board is not None:
-            for name, value in row.items():
-                if isinstance(value, (int, float)) and name != "step":
-                    self.board.add_scalar(name, value, row["step"])
+            self.board.log(row, row["step"])
+
+    def close(self) -> None:
+        """Flushes and closes the tracker (TensorBoard, W&B), if any."""
+        if self.board is not None:
+            self.board.close()
 
     def samples(self, step: int, samples: list[Sample]) -> None:
         """Every rank's rollouts of the step, in order, with the rank that made them (collective)."""

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             run.save(0)
         ppo_seconds = time.perf_counter() - started - (logger.eval_seconds - evaluating)
     run.engine.close()
+    logger.close()
     if world()[0] == 0:
         print(summarize(logger.history, run.build_seconds, run.last_step - first_step, ppo_seconds,
                         logger.eval_seconds))

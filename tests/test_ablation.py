@@ -20,6 +20,7 @@ def reference_kernels(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
+@pytest.mark.slow
 def test_ablation_runs_every_arm_from_one_start_and_resumes(tmp_path):
     out = tmp_path / "ablation"
     argv = ["--output_dir", str(out), "--seeds", "2", "--seed_offset", "5", "--arms", "full,vanilla", "--", *TRAIN]

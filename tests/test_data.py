@@ -200,6 +200,7 @@ def canonical_continuation(problem, prefix: str) -> str:
     return solution[len(context):] if solution.startswith(context) else solution
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not APPS_PLUS.exists(), reason="the team's APPS+ copy (../shared/data/apps_plus) is absent")
 def test_every_cccs_stage_of_every_second_apps_plus_problem_passes_with_its_canonical_continuation():
     """Program assembly keeps a prefix's helpers when the continuation defines the entry: every stage
@@ -246,6 +247,7 @@ def test_humaneval_bodies_restated_as_whole_functions_pass(sandbox):
     assert [(p.id, v) for p, v in zip(problems, verdicts) if v != "pass"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not APPS_PLUS.exists(), reason="the team's APPS+ copy (../shared/data/apps_plus) is absent")
 def test_fgo_masks_whole_program_answers_on_apps_plus():
     """Each canonical solution written as an instruct model answers -- prose, the whole program in a

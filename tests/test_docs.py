@@ -65,9 +65,6 @@ NOT_RUN = {
     "python -m openrlhf.cli.train_ppo_ray": "OpenRLHF",
     "OUT=results bash benchmarks/gpu_run.sh": "a GPU; not yet run on one",
 }
-# CI commands added to .ci/run on another branch: the slow tier's (README.md and docs/development.md say
-# CI runs it). Accepted here until .ci/run says it; then this entry can go.
-PENDING_CI = {"python -m pytest tests/ -m slow"}
 
 
 def mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
@@ -147,7 +144,7 @@ def test_every_command_shown_is_run_by_ci_a_test_or_by_hand():
             where = f"{page.relative_to(ROOT)}: {command}"
             not_run = [start for start in NOT_RUN if command.startswith(start)]
             dates = RUN_BY_HAND.findall(after)
-            if command in ci or command in PENDING_CI:
+            if command in ci:
                 seen.add(command)
             elif command.split()[0] == "pip":
                 problems.append(f"{where}: a pip line that CI does not run (.ci/run)")
@@ -198,7 +195,7 @@ def test_the_readme_is_a_landing_page_whose_links_resolve():
     assert {target for target in local if target.startswith("docs/")} == {
         f"docs/{page.name}" for page in DOCS.glob("*.md")}  # every page is linked from the landing page
     assert all((ROOT / target).exists() for target in local), [t for t in local if not (ROOT / t).exists()]
-    for command in ci_commands() | PENDING_CI:  # CI's commands and the test tiers, as .ci/run greps them
+    for command in ci_commands():  # CI's commands, the test tiers among them, as .ci/run greps them
         assert command in text, command
 
 

@@ -7,7 +7,10 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the whole device script under the interpreter: about 30 s
 
 
 def test_the_device_script_runs_dry_on_the_cpu(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every launch compiled for three GPU targets: about 30 s
 pytest.importorskip("triton")
 HERE = Path(__file__).resolve().parent
 FLAGS = {"WITH_ENTROPY": {False, True}, "DUAL_CLIP": {False, True}, "KL_MODE": {0, 1, 2, 3},

@@ -139,6 +139,7 @@ def test_a_lora_run_trains_only_adapters_on_one_copy_of_the_weights(base, tmp_pa
         assert held["critic"] is None and not (output / "checkpoint-2" / "critic").exists()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_exact_and_the_merged_export_scores_as_the_adapted_model(tmp_path):
     """The small default model with a warm-up, GAE (policy and critic adapters, value head): three steps
     straight, or two then a resumed third, give the same metrics and the same adapter to the bit. The

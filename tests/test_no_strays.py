@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from conftest import descendants, sandbox_uid_processes, settled
 from stepcoder.sandbox import Sandbox, TestCase
 
@@ -18,6 +20,7 @@ PROGRAMS = [
     ("import threading\nt = threading.Thread(target=print)\nt.start()\nt.join()\nprint(int(input()) + 1)\n", "wrong_answer"),
 ]
 TIMEOUTS = 10
+pytestmark = pytest.mark.slow  # 10,000 runs: about 25 s on an idle 2-core machine
 
 
 def test_no_zombie_or_stray_process_after_10000_runs(monkeypatch):

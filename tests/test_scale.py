@@ -51,6 +51,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_one_update_over_two_processes_equals_the_single_process_update(runs, strategy):
     """The same 8 rollouts, split over two ranks: the statistics within 1e-4, and each model's weights
@@ -170,6 +171,7 @@ def masters(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "state.pt", weights_only=False)["policy"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes, strategy", [(1, "fsdp2"), (2, "ddp"), (2, "fsdp2")])
 def test_a_bf16_checkpoint_learns_through_fp32_master_weights(tmp_path, processes, strategy):
     """One PPO step at lr 1e-6 from a checkpoint stored in bf16: in bf16 an update below ~0.4 % of a
@@ -190,6 +192,7 @@ def test_a_bf16_checkpoint_learns_through_fp32_master_weights(tmp_path, processe
     assert exported.dtype == torch.bfloat16  # exported in the checkpoint's own dtype
 
 
+@pytest.mark.slow
 def test_fsdp2_end_to_end_with_exact_resume_and_an_exported_policy(tmp_path):
     """python -m stepcoder.train, 3 steps over 2 processes with FSDP2; killed after 2 and resumed, the
     third step's metrics are identical; checkpoint-3/policy is a plain model whose log-probs equal the
@@ -219,6 +222,7 @@ def test_fsdp2_end_to_end_with_exact_resume_and_an_exported_policy(tmp_path):
     assert summary["num_programs"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gradient_checkpointing_gives_the_same_update(precision, monkeypatch):
     """Recomputing activations in backward changes memory, not the update: the same experience gives the
@@ -254,6 +258,7 @@ def test_gradient_checkpointing_gives_the_same_update(precision, monkeypatch):
     assert relative(results[1], results[0]) < (1e-6 if precision == "fp32" else 1e-3)
 
 
+@pytest.mark.slow
 def test_critic_free_groups_stay_whole_over_two_processes_with_a_lora_policy(tmp_path):
     """GRPO with 3 rollouts per prompt generated 4 at a time, over 2 processes (FSDP2, a LoRA policy): each
     rank's rollouts come in whole groups of one problem, no problem is split across ranks, the run (whose
@@ -305,6 +310,7 @@ def start(out: Path, processes: int, model: Path, *flags: str, whole: bool = Fal
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(processes)]
 
 
+@pytest.mark.slow
 def test_only_rank_0_reads_the_checkpoint_and_the_run_is_the_same(tmp_path):
     """FSDP2 from a checkpoint: ranks other than 0 build the models on the meta device and receive their
     shards from rank 0 (one whole copy per node, not one per rank). Two steps give the same metrics as
@@ -318,6 +324,7 @@ def test_only_rank_0_reads_the_checkpoint_and_the_run_is_the_same(tmp_path):
     assert len(rows["whole"]) == 2 and rows["from_rank0"] == rows["whole"]
 
 
+@pytest.mark.slow
 def test_host_memory_of_the_other_ranks_falls_with_their_number(tmp_path):
     """Peak host memory per rank at start-up (policy, critic, reference of a 25M-parameter model: about
     300 MB in fp32 together) with 1, 2 and 4 ranks: rank 0 holds the whole checkpoint once; every other
@@ -332,6 +339,7 @@ def test_host_memory_of_the_other_ranks_falls_with_their_number(tmp_path):
     assert others[2] < whole[1]["peak_rss_mb"] - 150  # the same rank, loading the whole checkpoint
 
 
+@pytest.mark.slow
 def test_the_warm_up_under_fsdp2_trains_the_shards_and_gives_the_same_run(tmp_path):
     """--sft_steps under FSDP2: the warm-up trains the sharded policy (no device holds the whole model and
     its AdamW states), then the reference and the critic's trunk take its shards. Two ranks give the run

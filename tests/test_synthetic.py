@@ -54,6 +54,7 @@ def test_bad_specs_name_the_problem():
             load_problems(spec)
 
 
+@pytest.mark.slow
 def test_every_canonical_solution_passes_and_leaves_branches_unexecuted(train, heldout):
     """Expected outputs come from the rules, so a pass checks the rendered code against them; the
     line trace shows how often the few tests leave a branch's answer line unexecuted."""

@@ -55,6 +55,7 @@ def _blocks(solution: str) -> int:
     return sum(line.lstrip().startswith("if ") for line in solution.splitlines())
 
 
+@pytest.mark.slow
 def test_canonical_solutions_pass_every_block_runs_and_branches_stay_unexecuted(splits):
     """Expected outputs come from the rules (LongSpec.answer), so a pass checks the rendered code against
     them. Every block's `if` line runs (the blocks are in sequence), while some assignment under a branch
@@ -74,6 +75,7 @@ def test_canonical_solutions_pass_every_block_runs_and_branches_stay_unexecuted(
     assert unexecuted / len(problems) > 0.5  # 82 % when this was written
 
 
+@pytest.mark.slow
 def test_one_wrong_block_fails_the_program(splits):
     """The sparse reward: change one block's constant anywhere (first or last) and the tests catch it in
     most problems, so a passing whole program needs every block right. A check that mutated programs

@@ -68,6 +68,7 @@ def test_a_response_starting_with_indentation_decodes_exactly(tokenizer):
     assert dropped.strip() == "return 1"
 
 
+@pytest.mark.slow
 def test_random_programs_cut_anywhere_decode_exactly(tokenizer):
     rng = random.Random()
     for _ in range(30):

@@ -225,6 +225,7 @@ def _build_for(python: str, build_dir: Path) -> None:
                    check=True, capture_output=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version, tracer", [("3.10", "c-trace"), ("3.12", "sys.monitoring"),
                                              ("3.13", "sys.monitoring")])
 def test_tracer_of_another_python_equals_settrace(version, tracer, tmp_path):

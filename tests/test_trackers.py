@@ -100,6 +100,7 @@ def offline_runs(wandb_dir: Path) -> list[Path]:
     return sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
 
 
+@pytest.mark.slow
 def test_a_wandb_offline_run_logs_every_steps_metrics_row(tmp_path, offline_wandb):
     """A 3-step run with --report_to wandb: wandb's history has each step's pass_rate and reward_mean
     exactly as metrics.jsonl has them (and every other number of the row), under the project

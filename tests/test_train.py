@@ -136,6 +136,7 @@ def test_resume_skips_a_damaged_checkpoint_and_drops_the_rows_past_the_one_it_ta
         run(tmp_path, "--total_steps", "4", "--resume_from_checkpoint", str(out / "checkpoint-3"))
 
 
+@pytest.mark.slow
 def test_an_output_dir_belongs_to_one_run(tmp_path, capsys):
     """A finished run's folder: a new run there is refused, naming the folder and the two ways on, and
     nothing of the old run changes; --overwrite_output_dir moves the old run aside whole."""
@@ -155,6 +156,7 @@ def test_an_output_dir_belongs_to_one_run(tmp_path, capsys):
     assert (out / "metrics.jsonl").read_bytes() != before["metrics.jsonl"]  # a new run (seed 1) wrote its own
 
 
+@pytest.mark.slow
 def test_the_small_model_is_sized_to_its_data_and_a_pretrained_one_is_checked(tmp_path):
     """APPS+ prompts and solutions run past 1024 positions with the small tokenizer: the small model's
     context grows to what the data needs (it died in the warm-up with an IndexError); a loaded model whose
@@ -187,6 +189,7 @@ def test_the_small_model_is_sized_to_its_data_and_a_pretrained_one_is_checked(tm
 APPS_PLUS_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "apps_plus" / "valid.json"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not APPS_PLUS_VALID.exists(), reason="the team's APPS+ copy (../shared/data/apps_plus) is absent")
 def test_the_small_model_warms_up_on_real_apps_plus_problems(tmp_path):
     """The reproduction: the small default model on APPS+ died in the warm-up with an IndexError from
@@ -274,6 +277,7 @@ def test_truncated_responses_are_counted_and_penalized(tmp_path):
     assert batch.scores.tolist() == pytest.approx([-0.3, -0.8])
 
 
+@pytest.mark.slow
 def test_nucleus_sampling_is_flagged_as_off_policy(tmp_path, capfd):
     run(tmp_path, "--total_steps", "1", "--sft_steps", "0", "--max_new_tokens", "4", "--top_p", "0.9")
     assert "top_p 0.9 samples from a truncated distribution" in capfd.readouterr().err
@@ -338,6 +342,7 @@ def test_fgo_coverage_chooses_how_many_tests_run(tmp_path, monkeypatch, coverage
     assert parse_config(["--output_dir", "x"]).fgo_coverage == "all_tests"
 
 
+@pytest.mark.slow
 def test_two_processes_over_gloo(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
@@ -388,6 +393,7 @@ def test_config_file_values_and_errors(tmp_path):
         parse_config(["--no_such_flag", "1"])
 
 
+@pytest.mark.slow
 def test_ppo_on_the_builtin_problems_improves(tmp_path):
     """The small model on the 48 built-in problems (the first default run), per-problem curriculum, 4
     problems x 8 rollouts per step: pass rate and reward of the last quarter of 40 steps beat the first
@@ -420,6 +426,7 @@ def test_losses_from_hidden_states_match_the_logits_path():
     torch.testing.assert_close(from_hidden, from_logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_held_out_evaluation_before_and_after_agrees_with_evaluate(tmp_path, capsys):
     """The default data with its held-out split, test-sized: evaluation rows at the start, every
     eval_every steps and the end; each row's figures recomputed from its per-problem file; greedy

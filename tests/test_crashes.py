@@ -55,6 +55,8 @@ for line in sys.stdin:
         os.environ.clear()
         os.environ.update(job["env"])
         tempfile.tempdir = None  # as a fresh process would: the temp dir from this run's TMPDIR
+        import torch
+        torch.set_num_threads(1)  # runs compared to the bit: no reduction's order may depend on the machine
         for fd, name in ((1, "stdout"), (2, "stderr")):
             os.dup2(os.open(job[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
         sys.argv = ["stepcoder.train", *job["argv"]]

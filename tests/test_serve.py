@@ -390,14 +390,18 @@ def test_jobs_spread_over_servers_and_survive_one_dying():
 def test_training_judged_by_a_server_logs_what_local_judging_logs(tmp_path, monkeypatch):
     from test_train import TINY
 
+    import torch
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    served = Served(1)
+    served, threads = Served(1), torch.get_num_threads()
+    torch.set_num_threads(1)  # the two runs are compared to the bit: one thread, whatever the machine's load
     try:
         common = [*TINY, "--total_steps", "3", "--eval_limit", "4", "--eval_samples", "1", "--eval_every", "3"]
         local = train.main([*common, "--output_dir", str(tmp_path / "local")])
         remote = train.main([*common, "--output_dir", str(tmp_path / "remote"), "--sandbox_url", served.url])
         judged = jobs_judged(served)
     finally:
+        torch.set_num_threads(threads)
         assert served.stop()[0] == 0
     strip = lambda row: {k: v for k, v in row.items() if not k.startswith("time_")}  # noqa: E731
     assert [strip(row) for row in remote] == [strip(row) for row in local]

@@ -45,7 +45,7 @@ KILLS = [("save", 2, 0.1), ("generate", 1, 0.2), ("update", 1, 0.1)]
 # 6 s a start on 2 cores), each as `python -m stepcoder.train` would run: its own environment, stdout and
 # stderr, exit status; SIGKILL ends it as it ends any process.
 FORK_SERVER = r"""
-import json, os, runpy, sys, traceback
+import json, os, runpy, sys, tempfile, traceback
 import stepcoder.train
 from transformers import GPT2LMHeadModel
 for line in sys.stdin:
@@ -54,6 +54,9 @@ for line in sys.stdin:
     if pid == 0:
         os.environ.clear()
         os.environ.update(job["env"])
+        tempfile.tempdir = None  # as a fresh process would: the temp dir from this run's TMPDIR
+        import torch
+        torch.set_num_threads(1)  # runs compared to the bit: no reduction's order may depend on the machine
         for fd, name in ((1, "stdout"), (2, "stderr")):
             os.dup2(os.open(job[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
         sys.argv = ["stepcoder.train", *job["argv"]]
@@ -91,6 +94,9 @@ class Trainer:
         argv = [*flags, "--output_dir", str(output), *resume]
         self.runs += 1
         streams = {name: str(self.scratch / f"run{self.runs}.{name}") for name in ("stdout", "stderr")}
+        self.tmp = self.scratch / f"run{self.runs}.tmp"  # the run's temp dir: its sandbox pool's folders
+        self.tmp.mkdir()
+        env["TMPDIR"] = str(self.tmp)
         self.server.stdin.write(json.dumps({"argv": argv, "env": env, **streams}) + "\n")
         self.server.stdin.flush()
         if not select.select([self.server.stdout], [], [], RUN_TIMEOUT)[0]:
@@ -140,14 +146,33 @@ def assert_identical(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-def no_sandbox_left(before: list[int], seconds: float = 10.0) -> bool:
-    """The killed run's sandbox workers die with it (PR_SET_PDEATHSIG): none of their uid outlives it."""
+def pool_processes(tmp: Path) -> list[int]:
+    """The processes of a run's sandbox pool: its workers (each started with its folder, under the run's
+    temp dir, on its command line), the shims and the PID-namespace workers below them, and their test
+    children, which all inherit that command line."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if str(tmp).encode() in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def no_sandbox_left(before: list[int], tmp: Path, seconds: float = 10.0) -> str | None:
+    """The killed run's pool dies with it (its workers see their socket close; a namespaced worker also
+    has PR_SET_PDEATHSIG on its shim): None once no process of it is left, and no new process under a
+    sandbox uid; else what outlived it."""
     end = time.monotonic() + seconds
-    while set(sandbox_uid_processes()) - set(before):
+    while True:
+        left = pool_processes(tmp) + sorted(set(sandbox_uid_processes()) - set(before))
+        if not left:
+            return None
         if time.monotonic() > end:
-            return False
+            return f"still running {seconds} s after the kill: {left}"
         time.sleep(0.05)
-    return True
 
 
 @pytest.mark.parametrize("arm", ARMS)
@@ -166,7 +191,8 @@ def test_a_run_killed_during_generation_save_and_update_resumes_to_the_same_end(
         context = f"seed {seed}, {name} #{entry} after {delay:.4f} s\n{killed.stderr[-3000:]}"
         assert killed.returncode == -signal.SIGKILL, context
         assert f"chaos: SIGKILL in {name} #{entry}" in killed.stderr, context
-        assert no_sandbox_left(before), context
+        assert list(train.tmp.glob("stepcoder-sandbox-*/w*")), context  # its pool's folders: its workers' names
+        assert no_sandbox_left(before, train.tmp) is None, context + no_sandbox_left(before, train.tmp, 0)
     finished = train(chaotic, *flags)
     assert finished.returncode == 0, f"seed {seed}\n{finished.stderr[-3000:]}"
 

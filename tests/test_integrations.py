@@ -251,11 +251,14 @@ def test_fgo_masked_tokens_contribute_nothing_to_the_loss(trl_setup):
         assert keep[row, :len(ids)].tolist() == fgo_mask(sample, tokenizer)
         if judged.verdict == "pass":
             assert "unreachable = [0] * 7" in tokenizer.decode(output["completion_ids"][row][dropped[row]].tolist())
+    passed = [judged.verdict == "pass" for _, _, judged in reward.last]
+    assert len(passed) == 8 and any(passed), "the scripted rollouts include passes, whose dead branch FGO masks"
+    assert all(dropped[row].any() for row in range(8) if passed[row])  # each pass row had tokens masked
     assert output["num_items_in_batch"].item() == (completion_mask * keep).sum().item()
 
     true_logps = trainer._get_per_token_logps_and_entropies
 
-    def loss_and_grads(noise_where):
+    def loss_and_grads(noise_where, inputs=output):
         def noisy(*args, **kwargs):
             logps, entropies, extra = true_logps(*args, **kwargs)
             generator = torch.Generator().manual_seed(0)
@@ -265,7 +268,7 @@ def test_fgo_masked_tokens_contribute_nothing_to_the_loss(trl_setup):
 
         trainer._get_per_token_logps_and_entropies = noisy
         model.zero_grad()
-        loss = trainer._compute_loss(model, dict(output))
+        loss = trainer._compute_loss(model, dict(inputs))
         loss.backward()
         trainer._get_per_token_logps_and_entropies = true_logps
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
@@ -275,6 +278,12 @@ def test_fgo_masked_tokens_contribute_nothing_to_the_loss(trl_setup):
     clean_loss, clean_grads = loss_and_grads(torch.zeros_like(keep, dtype=torch.float32))
     masked_loss, masked_grads = loss_and_grads(dropped.float())
     _, kept_grads = loss_and_grads((completion_mask * keep).float())
+    # the control: the same noise with FGO's mask left out moves the gradient (the loss's value is -advantage
+    # on every token at the rollout policy, whatever the log-probs: only the gradients can tell)
+    unmasked = dict(output, tool_mask=torch.ones_like(keep))
+    _, unmasked_clean = loss_and_grads(torch.zeros_like(keep, dtype=torch.float32), unmasked)
+    _, unmasked_noisy = loss_and_grads(dropped.float(), unmasked)
+    assert not all(torch.allclose(a, b) for a, b in zip(unmasked_clean, unmasked_noisy))
     assert masked_loss == clean_loss
     assert all(torch.equal(a, b) for a, b in zip(clean_grads, masked_grads))
     assert not all(torch.allclose(a, b) for a, b in zip(clean_grads, kept_grads))  # on kept tokens it counts

@@ -138,3 +138,49 @@ def test_never_run_tokens_and_their_gradient_share_are_measured_in_every_arm(no_
     assert metrics["unexecuted_grad_share"] == pytest.approx(expected)
     assert 0 < sum(n for _, n in never) < len(never) and (expected > 0) is no_fgo
     assert metrics["full_generation_frac"] == 0.75  # one rollout of four continued a prefix
+
+
+def test_ppo_update_scales_each_tokens_gradient_by_its_importance_weight():
+    """``ppo_update`` itself, one SGD step from the rollout policy (ratio 1, so no clip binds and each token's
+    loss is -advantage x ratio): with importance weights w the step is the step of advantages A x w and no
+    weights, and not the step of A alone; the logged policy loss is -sum(A x w x mask) / tokens."""
+    import copy
+
+    from stepcoder.config import parse_config
+    from stepcoder.data import load_builtin
+    from stepcoder.models import build_default_model, build_default_tokenizer
+
+    torch.manual_seed(0)
+    problems = load_builtin().problems[:2]
+    tokenizer = build_default_tokenizer([p.question + "\n" + s for p in problems for s in p.solutions])
+    model = build_default_model(tokenizer, seed=3)
+    config = parse_config(["--output_dir", "unused", "--advantage", "grpo", "--rollouts_per_prompt", "2",
+                           "--kl_coef", "0", "--entropy_coef", "0", "--ppo_epochs", "1", "--num_mini_batches", "1",
+                           "--max_grad_norm", "1e9"])
+    samples = [train.Sample(problem, 0, "", tokenizer(problem.question[:40])["input_ids"],
+                            torch.randint(5, 100, (length,)).tolist(), "", verdict="pass", fgo=[1] * length)
+               for problem in problems for length in (3, 6)]
+    batch = train.pad_batch(samples, tokenizer, config, "cpu")
+    experience = train.score_rollouts(model, None, None, batch, config)
+    mask = batch.policy_mask
+    advantages = torch.randn(mask.shape) * mask
+    weights = (0.1 + 2 * torch.rand(mask.shape)) * mask + (1 - mask)  # far from 1 on every response token
+
+    def step(advantages, weights):
+        policy = copy.deepcopy(model)
+        before = [p.detach().clone() for p in policy.parameters()]
+        optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+        stats = train.ppo_update(policy, None, [optimizer], batch,
+                                 dict(experience, advantages=advantages, is_weights=weights), config,
+                                 torch.Generator().manual_seed(0))
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(policy.parameters(), before)]), stats
+
+    weighted, stats = step(advantages, weights)
+    as_advantages, _ = step(advantages * weights, torch.ones_like(weights))
+    unweighted, _ = step(advantages, torch.ones_like(weights))
+    scale = float(as_advantages.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(weighted, as_advantages, rtol=1e-4, atol=1e-5 * scale)
+    assert float((weighted - unweighted).abs().max()) > 0.1 * scale  # the weights moved the step
+    expected = -float((advantages * weights * mask).sum() / mask.sum())
+    assert stats["policy_loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)

@@ -153,7 +153,32 @@ def test_an_output_dir_belongs_to_one_run(tmp_path, capsys):
     assert f"now in {aside}" in capsys.readouterr().out
     assert {path.name: path.read_bytes() for path in aside.iterdir() if path.is_file()} == before
     assert (aside / "checkpoint-1").is_dir() and (out / "checkpoint-1").is_dir() and len(history) == 1
-    assert (out / "metrics.jsonl").read_bytes() != before["metrics.jsonl"]  # a new run (seed 1) wrote its own
+    rows = {name: [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")}
+                   for line in text.decode().splitlines()]
+            for name, text in (("old", before["metrics.jsonl"]), ("new", (out / "metrics.jsonl").read_bytes()))}
+    assert [row["step"] for row in rows["new"]] == [1] and rows["new"] != rows["old"]  # a new run (seed 1), its own
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints_and_removes_the_older(tmp_path, monkeypatch):
+    """--save_total_limit 2 with a save every step: after each save the folder holds the newest two
+    checkpoints, whole (their manifests check out), and nothing staged."""
+    from stepcoder import checkpoint
+
+    seen, save = [], checkpoint.save
+
+    def listing(output, step, *state, **options):
+        saved = save(output, step, *state, **options)
+        seen.append(sorted(path.name for path in output.iterdir() if "checkpoint" in path.name))
+        return saved
+
+    monkeypatch.setattr(checkpoint, "save", listing)
+    history = run(tmp_path, "--total_steps", "3", "--save_steps", "1", "--save_total_limit", "2", "--sft_steps", "2",
+                  "--max_new_tokens", "8")
+    assert [row["step"] for row in history] == [1, 2, 3]
+    assert seen == [["checkpoint-1"], ["checkpoint-1", "checkpoint-2"], ["checkpoint-2", "checkpoint-3"]]
+    for name in seen[-1]:
+        assert checkpoint.damage(tmp_path / "run" / name) is None
+        assert json.loads((tmp_path / "run" / name / "trainer_state.json").read_text())["step"] == int(name[11:])
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from conftest import sandbox_uid_processes
 from serving import Served
 from stepcoder.checkpoint import damage
 
+pytestmark = pytest.mark.slow  # chaos: runs killed at random points and resumed
 BASE = ["--data", "builtin", "--limit", "8", "--problems_per_step", "4", "--rollouts_per_prompt", "2",
         "--max_new_tokens", "40", "--sft_steps", "20", "--generation_batch_size", "8", "--num_mini_batches", "2",
         "--sandbox_workers", "1", "--save_steps", "1", "--save_total_limit", "2", "--sample_every", "1"]

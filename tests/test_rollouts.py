@@ -157,11 +157,11 @@ def test_ppo_update_scales_each_tokens_gradient_by_its_importance_weight():
     config = parse_config(["--output_dir", "unused", "--advantage", "grpo", "--rollouts_per_prompt", "2",
                            "--kl_coef", "0", "--entropy_coef", "0", "--ppo_epochs", "1", "--num_mini_batches", "1",
                            "--max_grad_norm", "1e9"])
-    samples = [train.Sample(problem, 0, "", tokenizer(problem.question[:40])["input_ids"],
+    samples = [rollouts.Sample(problem, 0, "", tokenizer(problem.question[:40])["input_ids"],
                             torch.randint(5, 100, (length,)).tolist(), "", verdict="pass", fgo=[1] * length)
                for problem in problems for length in (3, 6)]
-    batch = train.pad_batch(samples, tokenizer, config, "cpu")
-    experience = train.score_rollouts(model, None, None, batch, config)
+    batch = batching.pad_batch(samples, tokenizer, config, "cpu")
+    experience = ppo.score_rollouts(model, None, None, batch, config)
     mask = batch.policy_mask
     advantages = torch.randn(mask.shape) * mask
     weights = (0.1 + 2 * torch.rand(mask.shape)) * mask + (1 - mask)  # far from 1 on every response token
@@ -170,7 +170,7 @@ def test_ppo_update_scales_each_tokens_gradient_by_its_importance_weight():
         policy = copy.deepcopy(model)
         before = [p.detach().clone() for p in policy.parameters()]
         optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-        stats = train.ppo_update(policy, None, [optimizer], batch,
+        stats = ppo.ppo_update(policy, None, [optimizer], batch,
                                  dict(experience, advantages=advantages, is_weights=weights), config,
                                  torch.Generator().manual_seed(0))
         return torch.cat([(p.detach() - b).flatten() for p, b in zip(policy.parameters(), before)]), stats

@@ -152,6 +152,7 @@ def _same(local, remote) -> None:
         {k: v for k, v in vars(t).items() if k not in timing} for t in local.tests]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not APPS_PLUS.is_file(), reason=f"APPS+ data not found at {APPS_PLUS}")
 def test_judge_gives_a_local_sandboxs_verdicts_and_lines_on_apps_plus(server):
     problems = load_apps_plus(str(APPS_PLUS)).problems
@@ -325,6 +326,7 @@ def test_a_jobs_limits_are_capped_by_the_servers(server):
     assert reply["tests"][0]["timed_out_by"] == "wall" and 4.0 <= reply["tests"][0]["seconds"] < 10.0, reply
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_429_and_the_client_waits_it_out(server):
     slow = {"program": SPIN, "tests": [{"input": "", "output": ""}], "timeout": 1.0, "trace": False}
     holder, held = in_background(post, server.base + "/judge", [slow] * 4)
@@ -362,6 +364,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_cleans_up():
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
 
 
+@pytest.mark.slow
 def test_jobs_spread_over_servers_and_survive_one_dying():
     first, second = Served(1), Served(1)
     try:
@@ -387,6 +390,7 @@ def test_jobs_spread_over_servers_and_survive_one_dying():
         assert second.stop()[0] == 0
 
 
+@pytest.mark.slow
 def test_training_judged_by_a_server_logs_what_local_judging_logs(tmp_path, monkeypatch):
     from test_train import TINY
 

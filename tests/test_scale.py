@@ -66,12 +66,14 @@ def test_one_update_over_two_processes_equals_the_single_process_update(runs, st
         assert relative(*flat) < 1e-4, model
 
 
+@pytest.mark.slow
 def test_generation_under_fsdp2_unshards_once_per_call_and_samples_the_same_tokens(runs):
     fsdp2 = runs["fsdp2"]
     assert fsdp2["tokens"] == runs["single"]["tokens"]
     assert fsdp2["units"] == 3 and fsdp2["gathers"] == fsdp2["units"]  # 2 blocks and the root, once each
 
 
+@pytest.mark.slow
 def test_the_planners_exact_lines_equal_what_fsdp2_allocates(runs):
     config = parse_config(["--output_dir", "unused", "--strategy", "fsdp2"])
     lines = {line.component: line.bytes for line in plan.plan(config, 2, 128, on_gpu=False)}

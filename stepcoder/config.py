@@ -425,8 +425,8 @@ def check_installed(config: TrainConfig) -> None:
         message = not_installed(option, getattr(config, option))
         if message:
             raise ConfigError(message)
-    if config.report_to == "wandb" and wandb_key_missing():
-        raise ConfigError(wandb_key_missing())
+    if config.report_to == "wandb" and (missing := wandb_key_missing()):
+        raise ConfigError(missing)
 
 
 def validate(config: TrainConfig) -> None:

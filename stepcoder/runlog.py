@@ -28,7 +28,7 @@ class Logger:
         self.history: list[dict] = []
         self.evals: list[dict] = []  # held-out evaluation rows, also in metrics.jsonl
         self.eval_seconds = 0.0  # spent evaluating in this process
-        self.board = None
+        self.tracker = None
         if not self.enabled:
             return
         metrics, samples = self.output / "metrics.jsonl", self.output / "samples.jsonl"
@@ -44,7 +44,7 @@ class Logger:
         else:
             metrics.write_text("")
             samples.write_text("")
-        self.board = open_tracker(config, self.output)
+        self.tracker = open_tracker(config, self.output)
 
     def step(self, metrics: dict) -> None:
         """A step's row: in history, metrics.jsonl and TensorBoard."""
@@ -61,13 +61,13 @@ class Logger:
 
     def _write(self, row: dict) -> None:
         self._append(self.output / "metrics.jsonl", json.dumps(row) + "\n")
-        if self.board is not None:
-            self.board.log(row, row["step"])
+        if self.tracker is not None:
+            self.tracker.log(row, row["step"])
 
     def close(self) -> None:
         """Flushes and closes the tracker (TensorBoard, W&B), if any."""
-        if self.board is not None:
-            self.board.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
     def samples(self, step: int, samples: list[Sample]) -> None:
         """Every rank's rollouts of the step, in order, with the rank that made them (collective)."""

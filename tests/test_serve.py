@@ -330,14 +330,15 @@ def test_a_jobs_limits_are_capped_by_the_servers(server):
 def test_a_full_queue_answers_429_and_the_client_waits_it_out(server):
     slow = {"program": SPIN, "tests": [{"input": "", "output": ""}], "timeout": 1.0, "trace": False}
     holder, held = in_background(post, server.base + "/judge", [slow] * 4)
-    wait_for(lambda: health(server)["busy"] + health(server)["queued"] == 4, "the 4 slow jobs to be admitted")
+    wait_for(lambda: (state := health(server))["busy"] + state["queued"] == 4, "the 4 slow jobs to be admitted")
     status, reply, headers = post(server.base + "/judge", slow)
     assert status == 429 and "queue is full" in reply["error"] and headers["Retry-After"] == "1"
     with RemoteSandbox(server.url, timeout=1.0) as client:  # waits for room instead of failing
         assert client.run("print(2)", [TestCase("", "2\n")]).verdict == "pass"
     holder.join()
     assert held[0][0] == 200 and [t["verdict"] for t in held[0][1]] == ["timeout"] * 4, held
-    assert (health(server)["busy"], health(server)["queued"], health(server)["workers"]) == (0, 0, 2)
+    state = health(server)
+    assert (state["busy"], state["queued"], state["workers"]) == (0, 0, 2)
 
 
 # --- shutdown, several servers, remote training ------------------------------------------------------------
